@@ -1,0 +1,157 @@
+"""Tests for utils/augment.py: batched zero-pad random crop + horizontal flip + normalisation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from utils.augment import BatchAugment, normalize
+
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+
+
+def _stats():
+    return torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+
+
+def _images(n, c=3, h=32, w=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, c, h, w), generator=g, dtype=torch.uint8)
+
+
+def _reference(aug: BatchAugment, x, dy, dx, flip):
+    """Straightforward per-image loop: pad with zeros, slice, flip, normalise."""
+    p = aug.crop_padding
+    _, _, h, w = x.shape
+    outs = []
+    for i in range(len(x)):
+        img = F.pad(x[i], (p, p, p, p), value=0)
+        img = img[:, int(dy[i]) : int(dy[i]) + h, int(dx[i]) : int(dx[i]) + w]
+        if bool(flip[i]):
+            img = img.flip(-1)
+        outs.append(img)
+    return normalize(torch.stack(outs), aug.mean, aug.std)
+
+
+def _within(count, n, prob, k=5.0):
+    se = math.sqrt(prob * (1 - prob) / n)
+    return abs(count / n - prob) <= k * se
+
+
+def test_normalize_values():
+    x = torch.tensor([0, 255, 51], dtype=torch.uint8).view(1, 3, 1, 1)
+    mean, std = _stats()
+    out = normalize(x, mean, std)
+    assert out.dtype == torch.float32 and out.shape == (1, 3, 1, 1)
+    expect = torch.tensor([(0 - MEAN[0]) / STD[0], (1 - MEAN[1]) / STD[1], (0.2 - MEAN[2]) / STD[2]])
+    assert torch.allclose(out.view(3), expect, atol=1e-6)
+    # tuples accepted too
+    assert torch.equal(normalize(x, MEAN, STD), out)
+
+
+def test_sample_params_distribution():
+    aug = BatchAugment(MEAN, STD, crop_padding=4, hflip=True, device="cpu")
+    n = 20000
+    dy, dx, flip = aug.sample_params(n, torch.Generator().manual_seed(123))
+    assert dy.shape == dx.shape == flip.shape == (n,)
+    assert flip.dtype == torch.bool
+    for off in (dy, dx):
+        assert int(off.min()) == 0 and int(off.max()) == 8
+        counts = torch.bincount(off, minlength=9)
+        assert len(counts) == 9
+        for cnt in counts.tolist():
+            assert _within(cnt, n, 1 / 9), counts
+    assert _within(int(flip.sum()), n, 0.5)
+    # independence of dy and dx: joint cells uniform on 81 values (chi-square, df = 80)
+    joint = torch.bincount(dy * 9 + dx, minlength=81).double()
+    chi2 = ((joint - n / 81) ** 2 / (n / 81)).sum().item()
+    assert chi2 < 80 + 5 * math.sqrt(2 * 80)
+    # dy and dx are not the same draw
+    assert not torch.equal(dy, dx)
+
+
+def test_sample_params_no_flip_no_pad():
+    aug = BatchAugment(MEAN, STD, crop_padding=0, hflip=False, device="cpu")
+    dy, dx, flip = aug.sample_params(1000, torch.Generator().manual_seed(0))
+    assert not dy.any() and not dx.any() and not flip.any()
+    aug = BatchAugment(MEAN, STD, crop_padding=1, hflip=False, device="cpu")
+    dy, dx, flip = aug.sample_params(1000, torch.Generator().manual_seed(0))
+    assert not flip.any() and set(dy.tolist()) == {0, 1, 2} and set(dx.tolist()) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("c, h, w, p", [(3, 32, 32, 4), (1, 8, 8, 1), (2, 6, 9, 2)])
+def test_apply_matches_reference_loop(c, h, w, p):
+    aug = BatchAugment(MEAN[:c], STD[:c], crop_padding=p, hflip=True, device="cpu")
+    x = _images(64, c, h, w, seed=1)
+    dy, dx, flip = aug.sample_params(64, torch.Generator().manual_seed(7))
+    assert flip.any() and not flip.all()
+    out = aug.apply(x, dy, dx, flip)
+    assert out.dtype == torch.float32 and out.shape == (64, c, h, w)
+    assert torch.equal(out, _reference(aug, x, dy, dx, flip))
+
+
+def test_call_uses_sample_params_then_apply():
+    aug = BatchAugment(MEAN, STD, crop_padding=4, hflip=True, device="cpu")
+    x = _images(32)
+    out = aug(x, torch.Generator().manual_seed(5))
+    dy, dx, flip = aug.sample_params(32, torch.Generator().manual_seed(5))
+    assert torch.equal(out, _reference(aug, x, dy, dx, flip))
+    assert torch.equal(out, aug(x, torch.Generator().manual_seed(5)))  # reproducible
+    assert not torch.equal(out, aug(x, torch.Generator().manual_seed(6)))
+    # global RNG path
+    torch.manual_seed(11)
+    a = aug(x)
+    torch.manual_seed(11)
+    assert torch.equal(a, aug(x))
+
+
+def test_no_pad_no_flip_is_normalize():
+    mean, std = _stats()
+    aug = BatchAugment(MEAN, STD, crop_padding=0, hflip=False, device="cpu")
+    x = _images(16)
+    assert torch.equal(aug(x, torch.Generator().manual_seed(0)), normalize(x, mean, std))
+    assert torch.equal(aug.eval(x), normalize(x, mean, std))
+
+
+def test_zero_padded_border():
+    mean, std = _stats()
+    aug = BatchAugment(MEAN, STD, crop_padding=4, hflip=True, device="cpu")
+    x = torch.full((2, 3, 32, 32), 200, dtype=torch.uint8)
+    zero = torch.zeros(2, dtype=torch.long)
+    out = aug.apply(x, zero, zero, torch.zeros(2, dtype=torch.bool))
+    pad_value = ((0 - mean) / std).view(3)
+    for i in range(2):
+        assert torch.equal(out[i, :, 0, 0], pad_value)
+        assert torch.equal(out[i, :, :4, :].amax(dim=(1, 2)), pad_value)  # top 4 rows padded
+        assert torch.equal(out[i, :, :, :4].amax(dim=(1, 2)), pad_value)  # left 4 columns padded
+    assert torch.equal(out[:, :, 4:, 4:], normalize(x[:, :, :28, :28], mean, std))
+    # dy = dx = 8: padding on the bottom/right; with a flip it moves to the left
+    eight = torch.full((2,), 8, dtype=torch.long)
+    out = aug.apply(x, eight, eight, torch.tensor([False, True]))
+    assert torch.equal(out[0, :, 31, 31], pad_value) and torch.equal(out[0, :, 0, 0], out[0, :, 27, 27])
+    assert torch.equal(out[1, :, 31, 0], pad_value) and not torch.equal(out[1, :, 0, 31], pad_value)
+
+
+def test_apply_rejects_bad_offsets_and_dtype():
+    aug = BatchAugment(MEAN, STD, crop_padding=2, hflip=True, device="cpu")
+    x = _images(2)
+    with pytest.raises(ValueError):
+        aug.apply(x, torch.tensor([0, 5]), torch.tensor([0, 0]), torch.tensor([False, False]))
+    with pytest.raises(ValueError):
+        aug(x.float())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    aug = BatchAugment(MEAN, STD, crop_padding=4, hflip=True, device="cuda")
+    x = _images(128)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    out = aug(x.cuda(), g)
+    assert out.device.type == "cuda"
+    dy, dx, flip = aug.sample_params(128, torch.Generator(device="cuda").manual_seed(3))
+    ref = _reference(BatchAugment(MEAN, STD, 4, True, "cpu"), x, dy.cpu(), dx.cpu(), flip.cpu())
+    assert torch.allclose(out.cpu(), ref, atol=1e-6)

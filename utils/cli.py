@@ -1,0 +1,80 @@
+"""Command lines of first.py and second.py (thin: parse, validate, run)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from typing import Optional, Sequence
+
+from utils.config import ConfigError, add_config_flags, overrides_from_flags, parse_bool, resolve
+
+DESCRIPTIONS = {
+    "first": "Stage 1: train a backbone on long-tailed data (weight decay, feature regularisation, "
+             "ETF classifier). Reads a JSON config (--json_path); any flag given overrides its value.",
+    "second": "Stage 2: load the stage-1 best weights and retrain the classifier (--retrain; class-balanced "
+              "loss, weight decay, MaxNorm) or apply logit adjustment / classifier normalisation (0 epochs).",
+}
+
+
+def _bool_flag(text: str) -> bool:
+    try:
+        return parse_bool(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser(stage: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"{stage}.py", description=DESCRIPTIONS[stage],
+        usage=f"%(prog)s --json_path FILE [--seeds SEED ...] [--<section>_<key> VALUE ...]",
+        epilog="Booleans take true/false/1/0. Lists take JSON ([true,false,true]) or comma-separated values. "
+               "Outputs go to exp/<data.name>/<model.name>/<project_name>/<exp_name>/<seed>/.")
+    parser.add_argument("--json_path", default="", help="JSON config in the original's layout")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                        help="random seed(s); several seeds run one after another (default: the JSON's, else 0)")
+    parser.add_argument("--exp_root", default="exp", help="root folder of the run directories (default: exp)")
+    if stage == "second":
+        parser.add_argument("--retrain", nargs="?", const=True, default=False, type=_bool_flag, metavar="BOOL",
+                            help="retrain the classifier (needs optim.total_epoch_num > 0); "
+                                 "without it stage 2 only evaluates (total_epoch_num must be 0)")
+    add_config_flags(parser)
+    return parser
+
+
+def _one_line_warning(message, category, filename, lineno, line=None):
+    return f"warning: {message}\n"
+
+
+def main(stage: str, argv: Optional[Sequence[str]] = None) -> int:
+    from utils.data import DataError
+    from utils.rundir import RunDirError
+    from utils.stage1 import Stage1Error
+
+    warnings.formatwarning = _one_line_warning
+    args = build_parser(stage).parse_args(argv)
+    try:
+        overrides = overrides_from_flags(args)
+        base = resolve(stage, args.json_path or None, overrides)
+        seeds = args.seeds if args.seeds is not None else [base.seeds]
+        configs = [resolve(stage, args.json_path or None, {**overrides, "seeds": s}) for s in seeds]
+        if stage == "second":
+            epochs = base.optim.total_epoch_num
+            if args.retrain and epochs <= 0:
+                raise ConfigError("--retrain asks for retraining, but optim.total_epoch_num = 0; "
+                                  "set it > 0 or drop --retrain to only evaluate")
+            if not args.retrain and epochs > 0:
+                raise ConfigError(f"optim.total_epoch_num = {epochs} but --retrain was not given; add --retrain "
+                                  "to retrain the classifier, or set optim.total_epoch_num to 0 to only evaluate")
+            if not base.model.is_pretrained:
+                raise ConfigError("model.is_pretrained = false; stage 2 starts from a stage-1 run "
+                                  "(set it to true and point model.pretrained_path at the run)")
+        from utils.pipeline import run
+        for cfg in configs:
+            run(cfg, stage, exp_root=args.exp_root)
+    except (ConfigError, DataError, Stage1Error, RunDirError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,364 @@
+"""One pipeline for both stages.
+
+    config -> data -> model -> objective -> train loop -> evaluation -> outputs
+
+What differs between stage 1 and stage 2 is data, not code: which parameters
+train, where the initial weights come from, and which post-hoc adjustments
+(logit adjustment, classifier normalisation, MaxNorm) the classifier gets.
+Every check that can fail (config, stage-1 run, data files) happens before
+the run directory is created.
+"""
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from models import build_model
+from utils.augment import BatchAugment
+from utils.config import Config
+from utils.data import LTData, load_dataset
+from utils.losses import class_balanced_softmax, class_balanced_weights, cross_entropy
+from utils.metrics import GROUPS, fisher_discriminant_ratio, group_accuracy, hoyer_sparsity, per_class_accuracy
+from utils.regularizers import (DEFAULT_NORM_PARAM, MaxNorm, feature_penalty, normalise_classifier,
+                                weight_decay_penalty)
+from utils.rundir import (ACC_FILE, ARGS_FILE, BEST_LOG_FILE, BEST_PARAM_FILE, CONFMAT_FILE, FDR_FILE,
+                          METRICS_FILE, PER_CLASS_FILE, SPARSITY_FILE, TRACK_RECORDS_FILE, TRAIN_LOG_FILE,
+                          RunDir)
+from utils.stage1 import Stage1Run, adapt_state_dict, load_into, read_stage1
+from utils.train import SplitTensors, TrainState, cosine_lr, evaluate, train_one_epoch
+
+
+# ---------------------------------------------------------------------------
+# Environment
+# ---------------------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from utils.config import ConfigError
+        raise ConfigError(f"device = {name!r} but CUDA is not available on this machine; use auto or cpu")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+class RunLog:
+    """Human-readable log: to the terminal and to train.log."""
+
+    def __init__(self, run: Optional[RunDir] = None):
+        self.run = run
+        self.pending: list[str] = []
+
+    def attach(self, run: RunDir) -> None:
+        self.run = run
+        for line in self.pending:
+            run.append_line(TRAIN_LOG_FILE, line)
+        self.pending.clear()
+
+    def info(self, message: str) -> None:
+        print(message, flush=True)
+        for line in message.splitlines() or [""]:
+            if self.run is None:
+                self.pending.append(line)
+            else:
+                self.run.append_line(TRAIN_LOG_FILE, line)
+
+
+# ---------------------------------------------------------------------------
+# Model and objective from the config
+# ---------------------------------------------------------------------------
+
+def make_model(cfg: Config, data: LTData) -> nn.Module:
+    m = cfg.model
+    return build_model(
+        m.name, data.n_classes,
+        in_channels=data.train_images.shape[1],
+        small_input=not m.name.startswith("IM"),
+        use_etf=m.use_etf, train_etf_norm=m.train_etf_norm, etf_norm_rate=m.etf_norm_rate,
+        normalize_feature=m.normalize_feature, last_relu=m.last_relu,
+        use_feature_bias=m.use_feature_bias, logit_normalization=m.logit_normalization,
+        bn_eps=m.bn_eps, class_counts=data.class_counts,
+        la_tau=m.logit_adjustment_tau, la_for_training=m.logit_adjustment_for_training,
+        la_additive=m.use_additive_logit_adjustment,
+    )
+
+
+def norm_param(cfg: Config) -> float:
+    o = cfg.optim
+    return DEFAULT_NORM_PARAM[o.norm_type] if o.norm_param is None else o.norm_param
+
+
+def make_objective(cfg: Config, class_counts: list[int], decayed: list[nn.Parameter],
+                   device: torch.device) -> Callable:
+    """A function (logits, labels, features) -> {term name: value}; the loss is their sum."""
+    o = cfg.optim
+    if o.loss_type == "CB":
+        weights = class_balanced_weights(class_counts, o.cb_beta).to(device)
+        main_name = "cb"
+
+        def main(logits, labels):
+            return class_balanced_softmax(logits, labels, weights)
+    else:
+        main_name = "ce"
+        main = cross_entropy
+
+    def objective(logits, labels, features):
+        terms = {main_name: main(logits, labels)}
+        if o.weight_decay > 0:
+            terms["weight_decay"] = o.weight_decay * weight_decay_penalty(decayed)
+        if o.features_regularization > 0:
+            terms["feature_reg"] = o.features_regularization * feature_penalty(features)
+        return terms
+
+    return objective
+
+
+def trained_parameters(model: nn.Module, stage: str) -> list[tuple[str, nn.Parameter]]:
+    """Stage 1: every parameter except the frozen ETF directions (a buffer) and,
+    unless train_etf_norm, the ETF norms.  Stage 2: the classifier only."""
+    groups = model.named_parameter_groups()
+    if stage == "second":
+        return list(groups["classifier"])
+    named = groups["conv"] + groups["bn"] + groups["classifier"] + groups["feature_bias"]
+    seen = {id(p) for _, p in named}
+    # Anything else that trains (none in the ResNets today) is not silently dropped.
+    named += [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen
+              and not n.startswith("encoder.fc.")]
+    return named
+
+
+# ---------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Prepared:
+    cfg: Config
+    stage: str
+    device: torch.device
+    data: LTData
+    model: nn.Module
+    stage1: Optional[Stage1Run]
+
+
+def prepare(cfg: Config, stage: str, log: RunLog) -> Prepared:
+    """Everything that can fail on bad input, before anything is written."""
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seeds)
+    stage1 = read_stage1(cfg) if (stage == "second" and cfg.model.is_pretrained) else None
+    data = load_dataset(cfg.data.name, cfg.data.root, cfg.data.imb_type, cfg.data.imb_factor,
+                        cfg.data.n_classes, download=cfg.data.download)
+    model = make_model(cfg, data)
+    if stage1 is not None:
+        state = adapt_state_dict(stage1.state_dict, stage1.config.model.use_etf, cfg.model.use_etf,
+                                 cfg.model.load_only_representation)
+        load_into(model, state, strict=not cfg.model.load_only_representation,
+                  source=stage1.path / BEST_PARAM_FILE)
+    model.to(device)
+    if cfg.optim.norm_type in ("L2", "tau"):
+        normalise_classifier(model.classifier, cfg.optim.norm_type, norm_param(cfg))
+    return Prepared(cfg, stage, device, data, model, stage1)
+
+
+def run(cfg: Config, stage: str, exp_root: str | Path = "exp") -> Path:
+    """Train and/or evaluate one seed; returns the run directory."""
+    log = RunLog()
+    started = time.perf_counter()
+    p = prepare(cfg, stage, log)
+    rundir = RunDir.create(Path(exp_root), cfg.run_subdir())
+    for stale in (TRAIN_LOG_FILE, BEST_LOG_FILE):
+        if rundir.file(stale).exists():
+            rundir.file(stale).unlink()  # a re-run starts its logs afresh
+    log.attach(rundir)
+    rundir.write_json(ARGS_FILE, cfg.to_dict())
+    log.info(f"run directory: {rundir.path}")
+    log.info(f"python {sys.version.split()[0]}, torch {torch.__version__}, device {p.device}")
+    if p.stage1 is not None:
+        log.info(f"loaded stage-1 weights from {p.stage1.path / BEST_PARAM_FILE}")
+    for line in p.data.summary_lines():
+        log.info(line)
+
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(log_dir=str(rundir.path))
+    try:
+        train = SplitTensors(p.data.train_images.to(p.device), p.data.train_labels.to(p.device))
+        val = SplitTensors(p.data.val_images.to(p.device), p.data.val_labels.to(p.device))
+        test = SplitTensors(p.data.test_images.to(p.device), p.data.test_labels.to(p.device))
+        augment = BatchAugment(p.data.mean, p.data.std, p.data.crop_padding, p.data.hflip, p.device)
+        records, track = [], None
+        if cfg.optim.total_epoch_num > 0:
+            records, track = fit(p, rundir, writer, log, train, val, augment)
+            p.model.load_state_dict(torch.load(rundir.file(BEST_PARAM_FILE), map_location=p.device,
+                                               weights_only=True))
+        else:
+            # Evaluation only: the adjusted model is what this run stands for.
+            rundir.save_torch(BEST_PARAM_FILE, p.model.state_dict())
+            rundir.write_csv(METRICS_FILE, ["epoch"], [])
+        final = final_evaluation(p, rundir, writer, log, train, test, augment)
+        if track is not None:
+            rundir.save_torch(TRACK_RECORDS_FILE, track)
+        writer.add_hparams({"seed": cfg.seeds, "exp_name": cfg.exp_name},
+                           {f"hparam/acc_{k}": v for k, v in final.items()}, run_name=".")
+    finally:
+        writer.close()
+    log.info(f"finished in {time.perf_counter() - started:.1f} s")
+    return rundir.path
+
+
+def fit(p: Prepared, rundir: RunDir, writer, log: RunLog, train: SplitTensors, val: SplitTensors,
+        augment: BatchAugment):
+    cfg, model, device = p.cfg, p.model, p.device
+    o = cfg.optim
+    named = trained_parameters(model, p.stage)
+    trained_ids = {id(prm) for _, prm in named}
+    for prm in model.parameters():
+        prm.requires_grad_(id(prm) in trained_ids)
+    params = [prm for _, prm in named]
+    log.info(f"trained tensors: {len(params)} ({sum(prm.numel() for prm in params):,} parameters); "
+             f"weight decay {o.weight_decay} on all of them; feature regularisation {o.features_regularization}")
+    optimizer = torch.optim.SGD(params, lr=o.base_lr, momentum=o.momentum)
+    objective = make_objective(cfg, p.data.class_counts, params, device)
+
+    maxnorm = MaxNorm(model.classifier, norm_param(cfg)) if o.norm_type == "maxnorm" else None
+    if maxnorm is not None:
+        log.info(f"MaxNorm threshold {maxnorm.threshold:.5f} (fixed at load), projected every {o.maxnorm_every}")
+    project = (lambda: maxnorm.project(model.classifier)) if maxnorm is not None else None
+
+    def set_train_mode(m: nn.Module) -> None:
+        m.train()
+        if p.stage == "second" and o.frozen_bn_mode == "eval":
+            for module in m.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+
+    shuffle_gen = torch.Generator().manual_seed(cfg.seeds)
+    aug_gen = torch.Generator(device=device).manual_seed(cfg.seeds + 1)
+    state = TrainState(optimizer=optimizer, objective=objective, augment=augment,
+                       batch_size=cfg.data.batch_size, n_classes=p.data.n_classes,
+                       shuffle_generator=shuffle_gen, augment_generator=aug_gen,
+                       after_step=project if (project and o.maxnorm_every == "step") else None,
+                       set_train_mode=set_train_mode)
+
+    # The initial weights are saved first, so a run always has a best.
+    rundir.save_torch(BEST_PARAM_FILE, model.state_dict())
+    best_acc, best_epoch = 0.0, 0
+    records: list[dict] = []
+    track = {"acc_train": [], "acc_val": [], "weight_norm": [], "correct": []}
+    total = o.total_epoch_num
+    for epoch in range(1, total + 1):
+        t0 = time.perf_counter()
+        lr = cosine_lr(o.base_lr, epoch, total)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        out = train_one_epoch(model, train, state, epoch, total)
+        if project is not None and o.maxnorm_every == "epoch":
+            project()
+        val_result = evaluate(model, val, augment, p.data.n_classes, cfg.data.eval_batch_size)
+        val_acc = val_result.class_avg_acc
+        record = {"epoch": epoch, "lr": lr, **out["record"], "val_acc": val_acc}
+        improved = val_acc > best_acc
+        if improved:
+            best_acc, best_epoch = val_acc, epoch
+            rundir.save_torch(BEST_PARAM_FILE, model.state_dict())
+            rundir.append_line(BEST_LOG_FILE,
+                               f"The best model is achieved at epoch-{epoch}: loss{record['train_loss']:.5f}, "
+                               f"acc-all:{record['train_acc']:.5f}, acc-avg-cls:{val_acc:.5f}.")
+        record["best_val_acc"] = best_acc
+        record["seconds"] = time.perf_counter() - t0
+        records.append(record)
+        weight_norm = model.classifier_weight().norm(dim=1).cpu()
+        track["acc_train"].append(record["train_acc_cls"])
+        track["acc_val"].append(val_acc)
+        track["weight_norm"].append(weight_norm)
+        track["correct"].append(out["correct"])
+        write_epoch(writer, record)
+        if cfg.optim.fdr_every and (epoch - 1) % cfg.optim.fdr_every == 0:
+            log_fdr(p, writer, train, val, augment, epoch)
+        rundir.write_csv(METRICS_FILE, list(records[0].keys()), [list(r.values()) for r in records])
+        terms = " ".join(f"{k[6:]}={v:.4f}" for k, v in record.items()
+                         if k.startswith("train_") and k not in ("train_loss", "train_acc", "train_acc_cls"))
+        log.info(f"epoch {epoch}/{total} lr {lr:.5f} loss {record['train_loss']:.4f} ({terms}) "
+                 f"train acc {record['train_acc']:.4f} val acc-avg-cls {val_acc:.4f}"
+                 f"{' *best*' if improved else ''} [{record['seconds']:.1f}s]")
+    log.info(f"best epoch {best_epoch} with validation class-averaged accuracy {best_acc:.4f}")
+    track_out = {
+        "acc_train": torch.tensor(track["acc_train"]),
+        "acc_val": torch.tensor(track["acc_val"]),
+        "weight_norm": torch.stack(track["weight_norm"]),
+        "correct": torch.stack(track["correct"]),
+        "best_epoch": best_epoch,
+    }
+    return records, track_out
+
+
+def write_epoch(writer, record: dict) -> None:
+    epoch = record["epoch"]
+    writer.add_scalar("lr", record["lr"], epoch)
+    for key, value in record.items():
+        if key.startswith("train_") and key not in ("train_acc", "train_acc_cls"):
+            writer.add_scalar(f"loss/{key[6:]}", value, epoch)
+    writer.add_scalar("acc/train", record["train_acc"], epoch)
+    writer.add_scalar("acc/train_class_avg", record["train_acc_cls"], epoch)
+    writer.add_scalar("acc/val_class_avg", record["val_acc"], epoch)
+
+
+def log_fdr(p: Prepared, writer, train: SplitTensors, val: SplitTensors, augment: BatchAugment,
+            epoch: int) -> None:
+    k = p.data.n_classes
+    bs = p.cfg.data.eval_batch_size
+    for name, split in (("train", train), ("val", val)):
+        result = evaluate(p.model, split, augment, k, bs, want_features=True)
+        writer.add_scalar(f"FDR/{name}", fisher_discriminant_ratio(result.features, split.labels.cpu(), k), epoch)
+
+
+def final_evaluation(p: Prepared, rundir: RunDir, writer, log: RunLog, train: SplitTensors,
+                     test: SplitTensors, augment: BatchAugment) -> dict:
+    k = p.data.n_classes
+    bs = p.cfg.data.eval_batch_size
+    test_result = evaluate(p.model, test, augment, k, bs, want_features=True)
+    train_result = evaluate(p.model, train, augment, k, bs, want_features=True)
+    per_class = per_class_accuracy(test_result.counts)
+    groups = p.data.groups()
+    acc = group_accuracy(per_class.tolist(), groups)
+    rundir.write_json(ACC_FILE, acc)
+    conf = (test_result.counts.double() / test_result.counts.sum(dim=1, keepdim=True).clamp_min(1)).numpy()
+    rundir.save_npy(CONFMAT_FILE, conf)
+    fdr = {"train": fisher_discriminant_ratio(train_result.features, train.labels.cpu(), k),
+           "test": fisher_discriminant_ratio(test_result.features, test.labels.cpu(), k)}
+    rundir.write_json(FDR_FILE, fdr)
+    sparsity = {"train": float(hoyer_sparsity(train_result.features).mean()),
+                "test": float(hoyer_sparsity(test_result.features).mean())}
+    rundir.write_json(SPARSITY_FILE, sparsity)
+    weight_norm = p.model.classifier_weight().norm(dim=1).cpu()
+    feat_norm = test_result.features.norm(dim=1)
+    labels = test.labels.cpu()
+    rows = []
+    for c in range(k):
+        mask = labels == c
+        rows.append([c, p.data.class_names[c], p.data.class_counts[c], groups[c], float(per_class[c]),
+                     float(weight_norm[c]), float(feat_norm[mask].mean()) if mask.any() else float("nan")])
+    rundir.write_csv(PER_CLASS_FILE, ["class", "name", "n_train", "group", "test_acc", "weight_norm",
+                                      "test_feature_norm"], rows)
+    log.info("test accuracy: " + ", ".join(f"{g} {acc[g]:.4f}" for g in ("All",) + GROUPS))
+    log.info(f"FDR train {fdr['train']:.3f} test {fdr['test']:.3f}; "
+             f"Hoyer sparsity train {sparsity['train']:.3f} test {sparsity['test']:.3f}")
+    for g in ("All",) + GROUPS:
+        writer.add_scalar(f"test/acc_{g}", acc[g], 0)
+    writer.add_scalar("test/FDR_train", fdr["train"], 0)
+    writer.add_scalar("test/FDR_test", fdr["test"], 0)
+    return acc
