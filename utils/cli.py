@@ -6,6 +6,7 @@ import sys
 import warnings
 from typing import Optional, Sequence
 
+from utils.errors import UserError
 from utils.config import ConfigError, add_config_flags, overrides_from_flags, parse_bool, resolve
 
 DESCRIPTIONS = {
@@ -46,10 +47,6 @@ def _one_line_warning(message, category, filename, lineno, line=None):
 
 
 def main(stage: str, argv: Optional[Sequence[str]] = None) -> int:
-    from utils.data import DataError
-    from utils.rundir import RunDirError
-    from utils.stage1 import Stage1Error
-
     warnings.formatwarning = _one_line_warning
     args = build_parser(stage).parse_args(argv)
     try:
@@ -71,7 +68,7 @@ def main(stage: str, argv: Optional[Sequence[str]] = None) -> int:
         from utils.pipeline import run
         for cfg in configs:
             run(cfg, stage, exp_root=args.exp_root)
-    except (ConfigError, DataError, Stage1Error, RunDirError) as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

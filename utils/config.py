@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 
-class ConfigError(Exception):
-    """A user-facing configuration problem; the message is one line."""
+from utils.errors import ConfigError  # noqa: F401  (re-exported)
 
 
 # ---------------------------------------------------------------------------

@@ -72,8 +72,7 @@ DIGITS_STD = (0.3754,)
 DIGITS_POOL_PER_CLASS = 120
 
 
-class DataError(Exception):
-    """A user-facing data problem (missing/corrupt files, invalid arguments)."""
+from utils.errors import DataError  # noqa: E402  (re-exported)
 
 
 def _one_line(x: object) -> str:

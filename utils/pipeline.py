@@ -24,7 +24,7 @@ from torch import nn
 
 from models import build_model
 from utils.augment import BatchAugment
-from utils.config import Config
+from utils.config import Config, ConfigError
 from utils.data import LTData, load_dataset
 from utils.losses import class_balanced_softmax, class_balanced_weights, cross_entropy
 from utils.metrics import GROUPS, fisher_discriminant_ratio, group_accuracy, hoyer_sparsity, per_class_accuracy
@@ -46,7 +46,6 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        from utils.config import ConfigError
         raise ConfigError(f"device = {name!r} but CUDA is not available on this machine; use auto or cpu")
     return device
 

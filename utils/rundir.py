@@ -30,8 +30,7 @@ PER_CLASS_FILE = "per_class.csv"
 TRACK_RECORDS_FILE = "trackRecords.ckpt"
 
 
-class RunDirError(Exception):
-    """The run directory cannot be used (escapes exp/, not writable...)."""
+from utils.errors import RunDirError  # noqa: F401  (re-exported)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

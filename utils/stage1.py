@@ -21,8 +21,7 @@ from utils.rundir import ARGS_FILE, BEST_PARAM_FILE, load_state_dict
 CLASSIFIER_PREFIX = "encoder.fc."
 
 
-class Stage1Error(Exception):
-    """The stage-1 run cannot be used by stage 2."""
+from utils.errors import Stage1Error  # noqa: F401  (re-exported)
 
 
 @dataclass
