@@ -129,3 +129,11 @@ def test_args_json_round_trip(tmp_path):
     again = resolve("first", str(path), {})
     assert again == cfg
     assert cfg.run_subdir() == Path("Cifar10/ResNet34/first/wd_5e-3_etf_f_1e-2/3")
+
+
+def test_readme_config_table_is_current():
+    import subprocess
+    import sys
+    table = subprocess.run([sys.executable, "-m", "utils.config"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.strip()
+    assert table in (ROOT / "README.md").read_text(encoding="utf-8"), "regenerate with python -m utils.config"

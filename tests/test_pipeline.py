@@ -155,6 +155,10 @@ def test_stage2_refuses_other_class_count_and_missing_run(in_tmp, write_json, ca
     capsys.readouterr()
     assert main("second", ["--json_path", _second(write_json)]) == 2
     assert "has 100 classes, but data.n_classes = 10" in capsys.readouterr().err
+    args["data"].update(n_classes=10, imb_factor=0.02)
+    (run / "args.json").write_text(json.dumps(args))
+    assert main("second", ["--json_path", _second(write_json)]) == 2
+    assert "used data.imb_factor = 0.02, but this run has 0.05" in capsys.readouterr().err
     assert main("second", ["--json_path", _second(write_json, pretrained_path="exp/nowhere")]) == 2
     assert "stage-1 run directory exp/nowhere/0 not found" in capsys.readouterr().err
     assert not (in_tmp / EXP / "second").exists()

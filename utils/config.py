@@ -492,12 +492,40 @@ def resolve(stage: str, json_path: Optional[str], overrides: dict) -> Config:
     return from_dict(raw, source)
 
 
+_RANGE_TEXT = {"ge0": "number >= 0", "gt0": "number > 0", "ge1": "integer >= 1", "ge2": "integer >= 2",
+               "unit_open0": "(0, 1]", "unit_closed": "[0, 1]"}
+
+
 def field_table() -> list[tuple[str, str, str, str]]:
     """(key, default, allowed, meaning) rows for the README's config table."""
     rows = []
-    for flag, section, f in flag_specs():
+    specs = list(flag_specs())
+    seeds = next(f for f in fields(Config) if f.name == "seeds")
+    specs.insert(2, ("seeds", "", seeds))
+    for flag, section, f in specs:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        base, optional = _base_type(_type_of(SECTIONS.get(section, Config), f.name))
         choices = f.metadata.get("choices")
-        allowed = " \\| ".join(map(str, choices)) if choices else (f.metadata.get("check") or "")
+        if choices:
+            allowed = " \\| ".join(map(str, choices))
+        elif f.metadata.get("check"):
+            allowed = _RANGE_TEXT[f.metadata["check"]]
+            if base is int:
+                allowed = allowed.replace("number", "integer")
+        else:
+            allowed = {bool: "true \\| false", int: "integer", float: "number", str: "string", list: "list"}[base]
+        if optional:
+            allowed += " or null"
+        built = NOT_BUILT.get((section, f.name))
+        if built is not None:
+            allowed += " (this version: " + ", ".join(json.dumps(b) for b in built) + ")"
         rows.append((_key(section, f.name), json.dumps(default), allowed, f.metadata["help"]))
     return rows
+
+
+if __name__ == "__main__":  # python -m utils.config  -> the README's config table
+    print("| key | default | allowed | meaning |")
+    print("|---|---|---|---|")
+    for row in field_table():
+        key, default, allowed, meaning = row
+        print(f"| `{key}` | `{default}` | {allowed} | {meaning.replace('|', chr(92) + '|')} |")

@@ -44,6 +44,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from utils.errors import DataError
+
 __all__ = [
     "DataError",
     "LTData",
@@ -70,9 +72,6 @@ CIFAR100_STD = (0.2023, 0.1994, 0.2010)
 DIGITS_MEAN = (0.3065,)
 DIGITS_STD = (0.3754,)
 DIGITS_POOL_PER_CLASS = 120
-
-
-from utils.errors import DataError  # noqa: E402  (re-exported)
 
 
 def _one_line(x: object) -> str:

@@ -208,6 +208,8 @@ def run(cfg: Config, stage: str, exp_root: str | Path = "exp") -> Path:
             # Evaluation only: the adjusted model is what this run stands for.
             rundir.save_torch(BEST_PARAM_FILE, p.model.state_dict())
             rundir.write_csv(METRICS_FILE, ["epoch"], [])
+        val_acc = evaluate(p.model, val, augment, p.data.n_classes, cfg.data.eval_batch_size).class_avg_acc
+        log.info(f"validation class-averaged accuracy of the final model: {val_acc:.4f}")
         final = final_evaluation(p, rundir, writer, log, train, test, augment)
         if track is not None:
             rundir.save_torch(TRACK_RECORDS_FILE, track)

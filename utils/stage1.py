@@ -59,6 +59,11 @@ def read_stage1(cfg: Config) -> Stage1Run:
     if stage1_cfg.data.name != cfg.data.name:
         raise Stage1Error(f"stage-1 run {run} was trained on {stage1_cfg.data.name}, "
                           f"but data.name = {cfg.data.name!r}")
+    for key in ("imb_type", "imb_factor"):
+        theirs, ours = getattr(stage1_cfg.data, key), getattr(cfg.data, key)
+        if theirs != ours:
+            raise Stage1Error(f"stage-1 run {run} used data.{key} = {theirs!r}, but this run has {ours!r}; "
+                              "stage 2 must see the same training set (its class counts set the prior)")
     ckpt = run / BEST_PARAM_FILE
     if not ckpt.is_file():
         raise Stage1Error(f"{ckpt} is missing; the stage-1 run has not saved its best weights")

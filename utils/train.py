@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -136,9 +135,9 @@ def train_one_epoch(model: nn.Module, split: SplitTensors, state: TrainState, ep
             pred = logits.detach().argmax(dim=1)
             correct_mask[idx] = pred == y
             counts += confusion_counts(pred, y, state.n_classes)
-        if bar is not None:
+        if bar is not None and not bar.disable:
             bar.update(1)
-            if step % state.progress_every == 0 or step == len(batches):
+            if step % state.progress_every == 0 or step == len(batches):  # the only host syncs
                 bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}",
                                 acc=f"{float(counts.diagonal().sum()) / seen:.3f}")
     if bar is not None:
@@ -151,9 +150,3 @@ def train_one_epoch(model: nn.Module, split: SplitTensors, state: TrainState, ep
     if not math.isfinite(record["train_loss"]):
         raise FloatingPointError(f"training loss became {record['train_loss']} in epoch {epoch}")
     return {"record": record, "correct": correct_mask.cpu()}
-
-
-def timed(fn, *args, **kwargs):
-    start = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - start
