@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import digits_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,6 @@
 """End to end: both stages on tiny Digits-LT runs, every output file, stage-2 errors."""
 import csv
 import json
-import pickle
 from pathlib import Path
 
 import numpy as np

@@ -27,7 +27,7 @@ def _bool_flag(text: str) -> bool:
 def build_parser(stage: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"{stage}.py", description=DESCRIPTIONS[stage],
-        usage=f"%(prog)s --json_path FILE [--seeds SEED ...] [--<section>_<key> VALUE ...]",
+        usage="%(prog)s --json_path FILE [--seeds SEED ...] [--<section>_<key> VALUE ...]",
         epilog="Booleans take true/false/1/0. Lists take JSON ([true,false,true]) or comma-separated values. "
                "Outputs go to exp/<data.name>/<model.name>/<project_name>/<exp_name>/<seed>/.")
     parser.add_argument("--json_path", default="", help="JSON config in the original's layout")

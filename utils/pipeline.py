@@ -10,7 +10,6 @@ the run directory is created.
 """
 from __future__ import annotations
 
-import os
 import random
 import sys
 import time
@@ -59,23 +58,12 @@ def seed_everything(seed: int) -> None:
 class RunLog:
     """Human-readable log: to the terminal and to train.log."""
 
-    def __init__(self, run: Optional[RunDir] = None):
+    def __init__(self, run: RunDir):
         self.run = run
-        self.pending: list[str] = []
-
-    def attach(self, run: RunDir) -> None:
-        self.run = run
-        for line in self.pending:
-            run.append_line(TRAIN_LOG_FILE, line)
-        self.pending.clear()
 
     def info(self, message: str) -> None:
         print(message, flush=True)
-        for line in message.splitlines() or [""]:
-            if self.run is None:
-                self.pending.append(line)
-            else:
-                self.run.append_line(TRAIN_LOG_FILE, line)
+        self.run.append_line(TRAIN_LOG_FILE, message)
 
 
 # ---------------------------------------------------------------------------
@@ -133,12 +121,7 @@ def trained_parameters(model: nn.Module, stage: str) -> list[tuple[str, nn.Param
     groups = model.named_parameter_groups()
     if stage == "second":
         return list(groups["classifier"])
-    named = groups["conv"] + groups["bn"] + groups["classifier"] + groups["feature_bias"]
-    seen = {id(p) for _, p in named}
-    # Anything else that trains (none in the ResNets today) is not silently dropped.
-    named += [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen
-              and not n.startswith("encoder.fc.")]
-    return named
+    return groups["conv"] + groups["bn"] + groups["classifier"] + groups["feature_bias"]
 
 
 # ---------------------------------------------------------------------------
@@ -155,7 +138,7 @@ class Prepared:
     stage1: Optional[Stage1Run]
 
 
-def prepare(cfg: Config, stage: str, log: RunLog) -> Prepared:
+def prepare(cfg: Config, stage: str) -> Prepared:
     """Everything that can fail on bad input, before anything is written."""
     device = resolve_device(cfg.device)
     seed_everything(cfg.seeds)
@@ -176,14 +159,13 @@ def prepare(cfg: Config, stage: str, log: RunLog) -> Prepared:
 
 def run(cfg: Config, stage: str, exp_root: str | Path = "exp") -> Path:
     """Train and/or evaluate one seed; returns the run directory."""
-    log = RunLog()
     started = time.perf_counter()
-    p = prepare(cfg, stage, log)
+    p = prepare(cfg, stage)
     rundir = RunDir.create(Path(exp_root), cfg.run_subdir())
     for stale in (TRAIN_LOG_FILE, BEST_LOG_FILE):
         if rundir.file(stale).exists():
             rundir.file(stale).unlink()  # a re-run starts its logs afresh
-    log.attach(rundir)
+    log = RunLog(rundir)
     rundir.write_json(ARGS_FILE, cfg.to_dict())
     log.info(f"run directory: {rundir.path}")
     log.info(f"python {sys.version.split()[0]}, torch {torch.__version__}, device {p.device}")
@@ -199,9 +181,9 @@ def run(cfg: Config, stage: str, exp_root: str | Path = "exp") -> Path:
         val = SplitTensors(p.data.val_images.to(p.device), p.data.val_labels.to(p.device))
         test = SplitTensors(p.data.test_images.to(p.device), p.data.test_labels.to(p.device))
         augment = BatchAugment(p.data.mean, p.data.std, p.data.crop_padding, p.data.hflip, p.device)
-        records, track = [], None
+        track = None
         if cfg.optim.total_epoch_num > 0:
-            records, track = fit(p, rundir, writer, log, train, val, augment)
+            track = fit(p, rundir, writer, log, train, val, augment)
             p.model.load_state_dict(torch.load(rundir.file(BEST_PARAM_FILE), map_location=p.device,
                                                weights_only=True))
         else:
@@ -304,7 +286,7 @@ def fit(p: Prepared, rundir: RunDir, writer, log: RunLog, train: SplitTensors, v
         "correct": torch.stack(track["correct"]),
         "best_epoch": best_epoch,
     }
-    return records, track_out
+    return track_out
 
 
 def write_epoch(writer, record: dict) -> None:
