@@ -21,9 +21,7 @@ def feature_penalty(features: torch.Tensor) -> torch.Tensor:
 
 def classifier_weight(classifier: nn.Module) -> torch.Tensor:
     """The K x D weight the classifier applies (ETF: directions times norms)."""
-    if isinstance(classifier, ETFClassifier):
-        return classifier.weight_vec * classifier.weight_norm
-    return classifier.weight
+    return classifier.weight() if isinstance(classifier, ETFClassifier) else classifier.weight
 
 
 @torch.no_grad()
