@@ -98,10 +98,22 @@ def test_wb_two_stages_retrain_only_the_classifier(in_tmp, write_json):
     norms1 = stage1["encoder.fc.weight"].norm(dim=1)
     threshold = norms1.min() + 0.1 * (norms1.max() - norms1.min())
     best_epoch = int(torch.load(run / "trackRecords.ckpt", weights_only=True)["best_epoch"])
-    if best_epoch > 0:  # after an epoch, MaxNorm holds every row at or below the load-time threshold
-        assert (state["encoder.fc.weight"].norm(dim=1) <= threshold + 1e-5).all()
+    assert best_epoch > 0, "a retrained epoch should beat the stage-1 classifier here"
+    # after an epoch, MaxNorm holds every row at or below the load-time threshold
+    assert (state["encoder.fc.weight"].norm(dim=1) <= threshold + 1e-5).all()
+    assert (norms1 > threshold + 1e-3).any(), "the projection had something to do"
     # the original keeps BN in train mode while retraining the classifier: running stats move
-    assert not torch.equal(stage1["encoder.bn1.running_mean"], state["encoder.bn1.running_mean"]) or best_epoch == 0
+    assert not torch.equal(stage1["encoder.bn1.running_mean"], state["encoder.bn1.running_mean"])
+
+    # options: frozen BN in eval mode keeps stage 1's statistics; MaxNorm after every step
+    assert main("second", ["--json_path", second, "--retrain", "--exp_name", "wb_eval", "--optim_frozen_bn_mode",
+                           "eval", "--optim_maxnorm_every", "step"]) == 0
+    state = torch.load(in_tmp / EXP / "second/wb_eval/0/best.paramOnly", weights_only=True)
+    for key, value in stage1.items():
+        if not key.startswith("encoder.fc."):
+            assert torch.equal(value, state[key]), f"{key} changed with frozen_bn_mode=eval"
+    assert not torch.equal(state["encoder.fc.weight"], stage1["encoder.fc.weight"]), "a retrained epoch won"
+    assert (state["encoder.fc.weight"].norm(dim=1) <= threshold + 1e-5).all()
 
 
 def _stage1_run(in_tmp, write_json, epochs=1):
