@@ -18,7 +18,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
-
 from utils.errors import ConfigError  # noqa: F401  (re-exported)
 
 
@@ -359,8 +358,6 @@ def validate(cfg: Config) -> None:
                               f"(supported: {shown})")
     if cfg.optim.loss_type == "CB" and cfg.optim.cb_type != "softmax":
         raise ConfigError(f"optim.cb_type = {cfg.optim.cb_type!r} is not implemented in this version (supported: softmax)")
-    if cfg.model.bn_weight_init_distribution is not None and not cfg.model.modify_bn_weight:
-        pass  # read only when modify_bn_weight, as in the original
     _check_exp_name(cfg.exp_name)
     if cfg.project_name == "second" and cfg.model.is_pretrained and not cfg.model.pretrained_path:
         raise ConfigError("model.pretrained_path is empty; stage 2 needs the stage-1 run directory "

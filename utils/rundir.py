@@ -17,6 +17,8 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from utils.errors import RunDirError  # noqa: F401  (re-exported)
+
 ARGS_FILE = "args.json"
 BEST_PARAM_FILE = "best.paramOnly"
 ACC_FILE = "acc.json"
@@ -28,9 +30,6 @@ BEST_LOG_FILE = "note_bestModel.log"
 METRICS_FILE = "metrics.csv"
 PER_CLASS_FILE = "per_class.csv"
 TRACK_RECORDS_FILE = "trackRecords.ckpt"
-
-
-from utils.errors import RunDirError  # noqa: F401  (re-exported)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -16,12 +16,10 @@ import torch
 
 from models.classifiers import etf_state_to_linear, linear_state_to_etf
 from utils.config import Config, ConfigError, from_dict
+from utils.errors import Stage1Error  # noqa: F401  (re-exported)
 from utils.rundir import ARGS_FILE, BEST_PARAM_FILE, load_state_dict
 
 CLASSIFIER_PREFIX = "encoder.fc."
-
-
-from utils.errors import Stage1Error  # noqa: F401  (re-exported)
 
 
 @dataclass
