@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -25,13 +25,11 @@ from models import build_model
 from utils.augment import BatchAugment
 from utils.config import Config, ConfigError
 from utils.data import LTData, load_dataset
-from utils.losses import class_balanced_softmax, class_balanced_weights, cross_entropy
-from utils.metrics import GROUPS, fisher_discriminant_ratio, group_accuracy, hoyer_sparsity, per_class_accuracy
-from utils.regularizers import (DEFAULT_NORM_PARAM, MaxNorm, feature_penalty, normalise_classifier,
-                                weight_decay_penalty)
-from utils.rundir import (ACC_FILE, ARGS_FILE, BEST_LOG_FILE, BEST_PARAM_FILE, CONFMAT_FILE, FDR_FILE,
-                          METRICS_FILE, PER_CLASS_FILE, SPARSITY_FILE, TRACK_RECORDS_FILE, TRAIN_LOG_FILE,
-                          RunDir)
+from utils.evaluation import final_evaluation, log_fdr
+from utils.objective import make_objective, make_optimizer, norm_param, trained_parameters
+from utils.regularizers import MaxNorm, normalise_classifier
+from utils.rundir import (ARGS_FILE, BEST_LOG_FILE, BEST_PARAM_FILE, METRICS_FILE, TRACK_RECORDS_FILE,
+                          TRAIN_LOG_FILE, RunDir)
 from utils.stage1 import Stage1Run, adapt_state_dict, load_into, read_stage1
 from utils.train import SplitTensors, TrainState, cosine_lr, evaluate, train_one_epoch
 
@@ -83,45 +81,6 @@ def make_model(cfg: Config, data: LTData) -> nn.Module:
         la_tau=m.logit_adjustment_tau, la_for_training=m.logit_adjustment_for_training,
         la_additive=m.use_additive_logit_adjustment,
     )
-
-
-def norm_param(cfg: Config) -> float:
-    o = cfg.optim
-    return DEFAULT_NORM_PARAM[o.norm_type] if o.norm_param is None else o.norm_param
-
-
-def make_objective(cfg: Config, class_counts: list[int], decayed: list[nn.Parameter],
-                   device: torch.device) -> Callable:
-    """A function (logits, labels, features) -> {term name: value}; the loss is their sum."""
-    o = cfg.optim
-    if o.loss_type == "CB":
-        weights = class_balanced_weights(class_counts, o.cb_beta).to(device)
-        main_name = "cb"
-
-        def main(logits, labels):
-            return class_balanced_softmax(logits, labels, weights)
-    else:
-        main_name = "ce"
-        main = cross_entropy
-
-    def objective(logits, labels, features):
-        terms = {main_name: main(logits, labels)}
-        if o.weight_decay > 0:
-            terms["weight_decay"] = o.weight_decay * weight_decay_penalty(decayed)
-        if o.features_regularization > 0:
-            terms["feature_reg"] = o.features_regularization * feature_penalty(features)
-        return terms
-
-    return objective
-
-
-def trained_parameters(model: nn.Module, stage: str) -> list[tuple[str, nn.Parameter]]:
-    """Stage 1: every parameter except the frozen ETF directions (a buffer) and,
-    unless train_etf_norm, the ETF norms.  Stage 2: the classifier only."""
-    groups = model.named_parameter_groups()
-    if stage == "second":
-        return list(groups["classifier"])
-    return groups["conv"] + groups["bn"] + groups["classifier"] + groups["feature_bias"]
 
 
 # ---------------------------------------------------------------------------
@@ -214,7 +173,7 @@ def fit(p: Prepared, rundir: RunDir, writer, log: RunLog, train: SplitTensors, v
     params = [prm for _, prm in named]
     log.info(f"trained tensors: {len(params)} ({sum(prm.numel() for prm in params):,} parameters); "
              f"weight decay {o.weight_decay} on all of them; feature regularisation {o.features_regularization}")
-    optimizer = torch.optim.SGD(params, lr=o.base_lr, momentum=o.momentum)
+    optimizer = make_optimizer(cfg, params)
     objective = make_objective(cfg, p.data.class_counts, params, device)
 
     maxnorm = MaxNorm(model.classifier, norm_param(cfg)) if o.norm_type == "maxnorm" else None
@@ -298,50 +257,3 @@ def write_epoch(writer, record: dict) -> None:
     writer.add_scalar("acc/train", record["train_acc"], epoch)
     writer.add_scalar("acc/train_class_avg", record["train_acc_cls"], epoch)
     writer.add_scalar("acc/val_class_avg", record["val_acc"], epoch)
-
-
-def log_fdr(p: Prepared, writer, train: SplitTensors, val: SplitTensors, augment: BatchAugment,
-            epoch: int) -> None:
-    k = p.data.n_classes
-    bs = p.cfg.data.eval_batch_size
-    for name, split in (("train", train), ("val", val)):
-        result = evaluate(p.model, split, augment, k, bs, want_features=True)
-        writer.add_scalar(f"FDR/{name}", fisher_discriminant_ratio(result.features, split.labels.cpu(), k), epoch)
-
-
-def final_evaluation(p: Prepared, rundir: RunDir, writer, log: RunLog, train: SplitTensors,
-                     test: SplitTensors, augment: BatchAugment) -> dict:
-    k = p.data.n_classes
-    bs = p.cfg.data.eval_batch_size
-    test_result = evaluate(p.model, test, augment, k, bs, want_features=True)
-    train_result = evaluate(p.model, train, augment, k, bs, want_features=True)
-    per_class = per_class_accuracy(test_result.counts)
-    groups = p.data.groups()
-    acc = group_accuracy(per_class.tolist(), groups)
-    rundir.write_json(ACC_FILE, acc)
-    conf = (test_result.counts.double() / test_result.counts.sum(dim=1, keepdim=True).clamp_min(1)).numpy()
-    rundir.save_npy(CONFMAT_FILE, conf)
-    fdr = {"train": fisher_discriminant_ratio(train_result.features, train.labels.cpu(), k),
-           "test": fisher_discriminant_ratio(test_result.features, test.labels.cpu(), k)}
-    rundir.write_json(FDR_FILE, fdr)
-    sparsity = {"train": float(hoyer_sparsity(train_result.features).mean()),
-                "test": float(hoyer_sparsity(test_result.features).mean())}
-    rundir.write_json(SPARSITY_FILE, sparsity)
-    weight_norm = p.model.classifier_weight().norm(dim=1).cpu()
-    feat_norm = test_result.features.norm(dim=1)
-    labels = test.labels.cpu()
-    rows = []
-    for c in range(k):
-        mask = labels == c
-        rows.append([c, p.data.class_names[c], p.data.class_counts[c], groups[c], float(per_class[c]),
-                     float(weight_norm[c]), float(feat_norm[mask].mean()) if mask.any() else float("nan")])
-    rundir.write_csv(PER_CLASS_FILE, ["class", "name", "n_train", "group", "test_acc", "weight_norm",
-                                      "test_feature_norm"], rows)
-    log.info("test accuracy: " + ", ".join(f"{g} {acc[g]:.4f}" for g in ("All",) + GROUPS))
-    log.info(f"FDR train {fdr['train']:.3f} test {fdr['test']:.3f}; "
-             f"Hoyer sparsity train {sparsity['train']:.3f} test {sparsity['test']:.3f}")
-    for g in ("All",) + GROUPS:
-        writer.add_scalar(f"test/acc_{g}", acc[g], 0)
-    writer.add_scalar("test/FDR_train", fdr["train"], 0)
-    writer.add_scalar("test/FDR_test", fdr["test"], 0)
-    return acc
