@@ -40,6 +40,7 @@ import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -56,7 +57,9 @@ __all__ = [
 ]
 
 #: canonical dataset names accepted by :func:`load_dataset`
-DATASET_NAMES = ("Cifar10", "Cifar100", "Digits")
+DATASET_NAMES = ("Cifar10", "Cifar100", "Digits", "ImageNet", "MiniImagenet", "Helena", "MNIST")
+#: the datasets read by utils/extra_datasets.py (SPEC 4.3)
+EXTRA_DATASETS = ("ImageNet", "MiniImagenet", "Helena", "MNIST")
 #: validation images per class
 VAL_PER_CLASS = 20
 
@@ -85,12 +88,21 @@ def _one_line(x: object) -> str:
 
 @dataclass
 class LTData:
+    """One long-tailed dataset.  Three kinds of storage:
+
+    * images in memory: ``*_images`` uint8 N x C x H x W (CIFAR, Digits, MNIST);
+    * features in memory: ``*_images`` float32 N x F, already standardised (Helena);
+    * image files (ImageNet-LT, mini-ImageNet-LT): ``*_images`` are None, ``*_files``
+      list the paths, decoded per image by ``train_transform`` / ``eval_transform``
+      (PIL image -> uint8 C x H x W tensor; normalisation by ``mean``/``std`` happens
+      on the training device).  Labels are always int64 tensors.
+    """
     name: str
-    train_images: torch.Tensor  # uint8, N x C x H x W, contiguous
+    train_images: Optional[torch.Tensor]  # uint8, N x C x H x W, contiguous
     train_labels: torch.Tensor  # int64, N
-    val_images: torch.Tensor
+    val_images: Optional[torch.Tensor]
     val_labels: torch.Tensor
-    test_images: torch.Tensor
+    test_images: Optional[torch.Tensor]
     test_labels: torch.Tensor
     class_names: list[str]
     class_counts: list[int]  # n_c = training images of class c
@@ -100,10 +112,27 @@ class LTData:
     few_threshold: int  # Few: n_c < few_threshold; Medium otherwise
     crop_padding: int  # training augmentation: zero pad + random crop
     hflip: bool  # training augmentation: horizontal flip with p = 1/2
+    train_files: Optional[list[str]] = None  # image-file datasets only
+    val_files: Optional[list[str]] = None
+    test_files: Optional[list[str]] = None
+    train_transform: Optional[Callable] = None  # PIL image -> uint8 C x H x W tensor
+    eval_transform: Optional[Callable] = None
 
     @property
     def n_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def kind(self) -> str:
+        """"files" (decoded per image), "features" (float table) or "images" (uint8 in memory)."""
+        if self.train_images is None:
+            return "files"
+        return "images" if self.train_images.dtype == torch.uint8 else "features"
+
+    @property
+    def in_channels(self) -> int:
+        """Image channels; for a feature table, the number of features."""
+        return 3 if self.train_images is None else int(self.train_images.shape[1])
 
     def groups(self) -> list[str]:
         """Per class: "Many" (n_c > many_threshold), "Few" (n_c < few_threshold) or "Medium"."""
@@ -420,16 +449,22 @@ def load_dataset(
     imb_factor: float,
     n_classes: int,
     download: bool = True,
+    helena_counts: str = "all",
 ) -> LTData:
     """Load a long-tailed dataset (see the module docstring for the split rules).
 
-    ``name`` is one of ``"Cifar10"``, ``"Cifar100"``, ``"Digits"`` (case-insensitive);
-    ``root`` is the folder holding ``cifar-10-batches-py`` / ``cifar-100-python``
-    (unused for Digits); ``n_classes`` must match the dataset.
+    ``name`` is one of :data:`DATASET_NAMES` (case-insensitive); ``root`` is the data
+    root holding ``cifar-10-batches-py`` / ``cifar-100-python`` and the files of the
+    other datasets (see utils/extra_datasets.py; unused for Digits); ``n_classes`` must
+    match the dataset.  ``helena_counts`` only matters for Helena.
     """
     canon = {n.lower(): n for n in DATASET_NAMES}.get(str(name).lower())
     if canon is None:
         raise DataError(f"unknown dataset {name!r}; use one of {', '.join(DATASET_NAMES)}")
+    if canon in EXTRA_DATASETS:
+        from utils.extra_datasets import load_extra_dataset
+
+        return load_extra_dataset(canon, Path(root), imb_type, imb_factor, n_classes, helena_counts)
     K = _N_CLASSES[canon]
     if n_classes != K:
         raise DataError(f"data.n_classes = {n_classes} does not match {canon} ({K} classes)")

@@ -30,7 +30,9 @@ from utils.objective import make_objective, make_optimizer, norm_param, trained_
 from utils.regularizers import MaxNorm, normalise_classifier
 from utils.rundir import (ARGS_FILE, BEST_LOG_FILE, BEST_PARAM_FILE, METRICS_FILE, TRACK_RECORDS_FILE,
                           TRAIN_LOG_FILE, RunDir)
-from utils.stage1 import Stage1Run, adapt_state_dict, load_into, read_stage1
+from utils.stage1 import CLASSIFIER_PREFIX, Stage1Run, adapt_state_dict, load_into, read_stage1
+from utils.batches import make_splits
+from models.small import small_model_options
 from utils.train import SplitTensors, TrainState, cosine_lr, evaluate, train_one_epoch
 
 
@@ -72,7 +74,7 @@ def make_model(cfg: Config, data: LTData) -> nn.Module:
     m = cfg.model
     return build_model(
         m.name, data.n_classes,
-        in_channels=data.train_images.shape[1],
+        in_channels=data.in_channels,
         small_input=not m.name.startswith("IM"),
         use_etf=m.use_etf, train_etf_norm=m.train_etf_norm, etf_norm_rate=m.etf_norm_rate,
         normalize_feature=m.normalize_feature, last_relu=m.last_relu,
@@ -80,6 +82,7 @@ def make_model(cfg: Config, data: LTData) -> nn.Module:
         bn_eps=m.bn_eps, class_counts=data.class_counts,
         la_tau=m.logit_adjustment_tau, la_for_training=m.logit_adjustment_for_training,
         la_additive=m.use_additive_logit_adjustment,
+        **small_model_options(m, data),
     )
 
 
@@ -103,13 +106,14 @@ def prepare(cfg: Config, stage: str) -> Prepared:
     seed_everything(cfg.seeds)
     stage1 = read_stage1(cfg) if (stage == "second" and cfg.model.is_pretrained) else None
     data = load_dataset(cfg.data.name, cfg.data.root, cfg.data.imb_type, cfg.data.imb_factor,
-                        cfg.data.n_classes, download=cfg.data.download)
+                        cfg.data.n_classes, download=cfg.data.download, helena_counts=cfg.data.helena_counts)
     model = make_model(cfg, data)
     if stage1 is not None:
+        prefix = getattr(model, "classifier_prefix", CLASSIFIER_PREFIX)  # small models: "fc."
         state = adapt_state_dict(stage1.state_dict, stage1.config.model.use_etf, cfg.model.use_etf,
-                                 cfg.model.load_only_representation)
+                                 cfg.model.load_only_representation, prefix=prefix)
         load_into(model, state, strict=not cfg.model.load_only_representation,
-                  source=stage1.path / BEST_PARAM_FILE)
+                  source=stage1.path / BEST_PARAM_FILE, prefix=prefix)
     model.to(device)
     if cfg.optim.norm_type in ("L2", "tau"):
         normalise_classifier(model.classifier, cfg.optim.norm_type, norm_param(cfg))
@@ -136,10 +140,7 @@ def run(cfg: Config, stage: str, exp_root: str | Path = "exp") -> Path:
     from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(log_dir=str(rundir.path))
     try:
-        train = SplitTensors(p.data.train_images.to(p.device), p.data.train_labels.to(p.device))
-        val = SplitTensors(p.data.val_images.to(p.device), p.data.val_labels.to(p.device))
-        test = SplitTensors(p.data.test_images.to(p.device), p.data.test_labels.to(p.device))
-        augment = BatchAugment(p.data.mean, p.data.std, p.data.crop_padding, p.data.hflip, p.device)
+        train, val, test, augment = make_splits(p.data, p.device, cfg.data.num_workers)
         track = None
         if cfg.optim.total_epoch_num > 0:
             track = fit(p, rundir, writer, log, train, val, augment)

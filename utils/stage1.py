@@ -78,22 +78,24 @@ def read_stage1(cfg: Config) -> Stage1Run:
     return Stage1Run(path=run, config=stage1_cfg, state_dict=dict(state))
 
 
-def adapt_state_dict(state: dict, stage1_etf: bool, want_etf: bool, only_representation: bool) -> dict:
+def adapt_state_dict(state: dict, stage1_etf: bool, want_etf: bool, only_representation: bool,
+                     prefix: str = CLASSIFIER_PREFIX) -> dict:
     """Convert the classifier between ETF and Linear as stage 2 asks, or drop it."""
     if only_representation:
-        return {k: v for k, v in state.items() if not k.startswith(CLASSIFIER_PREFIX)}
+        return {k: v for k, v in state.items() if not k.startswith(prefix)}
     if stage1_etf and not want_etf:
-        return dict(etf_state_to_linear(state, CLASSIFIER_PREFIX))
+        return dict(etf_state_to_linear(state, prefix))
     if want_etf and not stage1_etf:
-        return dict(linear_state_to_etf(state, CLASSIFIER_PREFIX))
+        return dict(linear_state_to_etf(state, prefix))
     return state
 
 
-def load_into(model: torch.nn.Module, state: dict, strict: bool, source: Path) -> None:
+def load_into(model: torch.nn.Module, state: dict, strict: bool, source: Path,
+              prefix: str = CLASSIFIER_PREFIX) -> None:
     result = model.load_state_dict(state, strict=False)
     missing = list(result.missing_keys)
     if not strict:
-        missing = [k for k in missing if not k.startswith(CLASSIFIER_PREFIX)]
+        missing = [k for k in missing if not k.startswith(prefix)]
     problems = []
     if missing:
         problems.append(f"missing {len(missing)} keys (e.g. {missing[0]})")

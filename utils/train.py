@@ -56,6 +56,9 @@ class EvalResult:
 def evaluate(model: nn.Module, split: SplitTensors, augment: BatchAugment, n_classes: int,
              batch_size: int, want_features: bool = False) -> EvalResult:
     """One pass in eval mode (BN running statistics, no augmentation)."""
+    if not isinstance(split, SplitTensors):  # feature tables, image files: utils/batches.py
+        from utils.batches import evaluate_batches
+        return evaluate_batches(model, split, n_classes, batch_size, want_features)
     was_training = model.training
     model.eval()
     preds, feats = [], []
@@ -100,6 +103,9 @@ def batch_slices(n: int, batch_size: int, generator: torch.Generator) -> list[to
 
 def train_one_epoch(model: nn.Module, split: SplitTensors, state: TrainState, epoch: int,
                     total_epochs: int, show_progress: bool = True) -> dict:
+    if not isinstance(split, SplitTensors):  # feature tables, image files: utils/batches.py
+        from utils.batches import train_one_epoch_batches
+        return train_one_epoch_batches(model, split, state, epoch, total_epochs, show_progress)
     state.set_train_mode(model)
     device = split.images.device
     n = split.images.shape[0]
