@@ -53,6 +53,10 @@ class DataConfig:
     root: str = _f("datasets", "data root folder (downloads land here)")
     download: bool = _f(True, "download CIFAR with torchvision when absent")
     eval_batch_size: int = _f(1024, "batch size for evaluation passes", check="ge1")
+    num_workers: int = _f(4, "DataLoader workers decoding image files (ImageNet, MiniImagenet; 0 = in the main process)",
+                          check="ge0")
+    helena_counts: str = _f("all", "Helena class sizes (groups, prior, CB weights): all = whole file as the original, "
+                            "train = training rows", ("all", "train"))
 
 
 @dataclass
@@ -177,8 +181,7 @@ STAGE_FLAG_DEFAULTS = {
 # Features whose keys are accepted but whose code is not built yet: setting
 # one of them away from the value shown is refused (never silently ignored).
 NOT_BUILT = {
-    ("data", "name"): ("Cifar10", "Cifar100", "Digits"),
-    ("model", "name"): ("ResNet34", "ResNet18"),
+    ("model", "name"): ("ResNet34", "ResNet18", "TableMLP", "BNLeNet5", "BNMLP", "MLResBlock"),
     ("model", "use_dr_balancer"): (False,),
     ("model", "activation_type"): ("relu",),
     ("model", "one_param_bn"): (False,),
@@ -356,6 +359,9 @@ def validate(cfg: Config) -> None:
             shown = ", ".join(json.dumps(a) for a in allowed)
             raise ConfigError(f"{_key(section, name)} = {json.dumps(value)} is not implemented in this version "
                               f"(supported: {shown})")
+    if (cfg.data.name == "Helena") != (cfg.model.name == "TableMLP"):
+        raise ConfigError(f"data.name = {cfg.data.name!r} with model.name = {cfg.model.name!r}: Helena is a feature "
+                          "table and needs model.name TableMLP; TableMLP is for Helena only")
     if cfg.optim.loss_type == "CB" and cfg.optim.cb_type != "softmax":
         raise ConfigError(f"optim.cb_type = {cfg.optim.cb_type!r} is not implemented in this version (supported: softmax)")
     _check_exp_name(cfg.exp_name)
