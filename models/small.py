@@ -251,6 +251,11 @@ def small_model_options(model_cfg, data) -> dict:
     if model_cfg.name not in SMALL_MODELS:
         return {}
     shape = (3, 224, 224) if data.train_images is None else tuple(data.train_images.shape[1:])
+    if model_cfg.name == "BNLeNet5" and (len(shape) != 3 or min(shape[1:]) < 16):
+        from utils.errors import ConfigError
+
+        raise ConfigError(f"model.name = 'BNLeNet5' needs images of at least 16 x 16 pixels; "
+                          f"data.name = {data.name!r} has inputs of shape {' x '.join(map(str, shape))}")
     return {"input_shape": shape, "mlp_hlayer_n": model_cfg.mlp_hlayer_n,
             "mlp_features_d": model_cfg.mlp_features_d}
 

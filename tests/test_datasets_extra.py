@@ -232,6 +232,38 @@ def test_mini_imagenet_split_files(tmp_path, val_name):
         load_dataset("MiniImagenet", tmp_path, "exp", 0.01, 2)
 
 
+def test_mini_imagenet_split_files_generated_from_the_class_list(tmp_path, capsys):
+    from utils.extra_datasets import make_mini_imagenet_splits, mini_imagenet_counts
+
+    folder = tmp_path / "mini_imagenet"
+    folder.mkdir()
+    (folder / "all_classes.txt").write_text("n02000000\nn01000000\n")  # labelled in sorted order
+    for wnid, n in (("n01000000", 700), ("n02000000", 703)):
+        (tmp_path / "CLS-LOC/train" / wnid).mkdir(parents=True)
+        for i in range(n):
+            (tmp_path / "CLS-LOC/train" / wnid / f"{wnid}_{i}.JPEG").touch()
+    data = load_dataset("MiniImagenet", tmp_path, "exp", 0.1, 2)
+    assert "wrote the split files 0.1_train.txt, 0.1_val.txt, 0.1_test.txt" in capsys.readouterr().out
+    assert data.class_counts == [500, 50] == mini_imagenet_counts(2, 0.1)
+    assert json.loads((folder / "0.1_num_list.json").read_text()) == [500, 50]
+    assert data.val_labels.tolist() == [0] * 100 + [1] * 100 and len(data.test_labels) == 200
+    assert data.train_files[0].startswith(str(tmp_path / "CLS-LOC/train/n01000000/n01000000_"))
+    for c in range(2):
+        parts = [{f for f, y in zip(files, labels.tolist()) if y == c}
+                 for files, labels in ((data.train_files, data.train_labels), (data.val_files, data.val_labels),
+                                       (data.test_files, data.test_labels))]
+        assert len(parts[0] | parts[1] | parts[2]) == sum(map(len, parts))  # disjoint
+    text = (folder / "0.1_train.txt").read_text()
+    make_mini_imagenet_splits(tmp_path, 0.1)
+    assert (folder / "0.1_train.txt").read_text() == text  # reproducible
+    assert mini_imagenet_counts(100, 0.01)[:3] == [500, 477, 455] and mini_imagenet_counts(100, 0.01)[-1] == 5
+    (folder / "0.01_train.txt").unlink(missing_ok=True)
+    import shutil
+    shutil.rmtree(tmp_path / "CLS-LOC/train/n02000000")
+    with pytest.raises(DataError, match=r"n02000000 has 0 images; mini-ImageNet-LT needs 700 per class"):
+        load_dataset("MiniImagenet", tmp_path, "exp", 0.01, 2)
+
+
 def test_mini_imagenet_one_epoch_end_to_end(in_tmp, write_json):
     root = in_tmp / "data"
     _make_mini_imagenet(root, "0.1")
@@ -313,6 +345,13 @@ def test_helena_two_stages_end_to_end_with_tablemlp(in_tmp, write_json):
     state2 = torch.load(in_tmp / "exp/Helena/TableMLP/second/la/0/best.paramOnly", weights_only=True)
     assert "fc.weight" in state2 and "fc.weight_vec" not in state2
     assert torch.allclose(state2["fc.weight"], state["fc.weight_vec"] * state["fc.weight_norm"])
+
+
+def test_lenet_on_8x8_digits_is_a_clear_error(in_tmp, capsys):
+    assert main("first", ["--data_name", "Digits", "--data_n_classes", "10", "--model_name", "BNLeNet5",
+                          "--optim_total_epoch_num", "1"]) == 2
+    assert "model.name = 'BNLeNet5' needs images of at least 16 x 16 pixels; data.name = 'Digits' has inputs " \
+           "of shape 1 x 8 x 8" in capsys.readouterr().err
 
 
 def test_helena_needs_tablemlp_and_names_missing_file(in_tmp, write_json, capsys):

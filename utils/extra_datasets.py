@@ -11,6 +11,7 @@ Layout under ``data.root`` (default ``datasets/``)::
     mini_imagenet/<imb>_train.txt           "<file name> <label>" per line; the image is
     mini_imagenet/<imb>_val.txt             CLS-LOC/train/<wnid>/<file name>, wnid = the
     mini_imagenet/<imb>_test.txt            file name up to the first "_"; <imb> = data.imb_factor
+    mini_imagenet/all_classes.txt           the 100 wnids (to generate the split files)
     helena.arff                             class column first, then 27 numeric features
     helena_valid_indices.json               {"<label>": [row, ...]} 20 rows per class
     helena_test_indices.json                (the original's fixed validation/test rows)
@@ -23,7 +24,9 @@ What each loader reproduces from the published implementation:
   RandomHorizontalFlip, ColorJitter(0.4, 0.4, 0.4, 0); otherwise Resize(256),
   CenterCrop(224); ImageNet mean/std.  ``imb_type``/``imb_factor`` are not used.
 * mini-ImageNet-LT: the split files of the original (TailCalibX's generator), chosen by
-  ``imb_factor``; the same transforms without colour jitter.
+  ``imb_factor``; when they are absent and ``mini_imagenet/all_classes.txt`` is there,
+  they are generated once, reproducibly (:func:`make_mini_imagenet_splits`).  The
+  same transforms as ImageNet-LT without colour jitter.
 * Helena: class labels renumbered by decreasing class size (0 = the largest class, the
   original's ``np.argsort(-counts)``); validation and test rows from the two index
   files, every other row trains; the 27 features standardised with the original's
@@ -203,10 +206,65 @@ def _load_imagenet_lt(root: Path, n_classes: int) -> LTData:
     return _file_dataset("ImageNet", files, labels, class_names, counts, color_jitter=True)
 
 
+MINI_TRAIN, MINI_VAL, MINI_TEST = 500, 100, 100  # images per class drawn for each split
+
+
+def mini_imagenet_counts(n_classes: int, imb_factor: float) -> list[int]:
+    """The original's (TailCalibX's) profile: int(500 * imb_factor ** (c / (K - 1))), truncated."""
+    if n_classes == 1:
+        return [MINI_TRAIN]
+    return [int(MINI_TRAIN * imb_factor ** (c / (n_classes - 1.0))) for c in range(n_classes)]
+
+
+def make_mini_imagenet_splits(root: Path, imb_factor: float, seed: int = 0) -> list[Path]:
+    """Write ``<imb>_{train,val,test}.txt`` and ``<imb>_num_list.json`` from ``all_classes.txt``.
+
+    The classes are the wnids of ``mini_imagenet/all_classes.txt``, labelled in sorted
+    order (as the original's ``np.unique``).  For each class, its images in
+    ``CLS-LOC/train/<wnid>/`` (sorted by name) are shuffled with numpy's
+    ``default_rng(seed)``; the first 500 are the training pool, the next 100 validation,
+    the next 100 test (disjoint; the original drew them without a seed and could overlap
+    for its "unequal" classes).  Class c keeps the first
+    ``int(500 * imb_factor ** (c / (K - 1)))`` images of its pool.
+    """
+    folder = root / MINI_IMAGENET_FOLDER
+    class_file = _need_file(folder / "all_classes.txt", "the mini-ImageNet class list (one wnid per line)")
+    wnids = sorted({line.strip() for line in class_file.read_text(encoding="utf-8").splitlines() if line.strip()})
+    if not wnids:
+        raise DataError(f"{class_file} lists no classes")
+    train_dir = root / IMAGENET_FOLDER / "train"
+    rng = np.random.default_rng(seed)
+    counts = mini_imagenet_counts(len(wnids), float(imb_factor))
+    need = MINI_TRAIN + MINI_VAL + MINI_TEST
+    rows: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for label, wnid in enumerate(wnids):
+        class_dir = train_dir / wnid
+        names = sorted(p.name for p in class_dir.iterdir() if p.is_file()) if class_dir.is_dir() else []
+        if len(names) < need:
+            raise DataError(f"{class_dir} has {len(names)} images; mini-ImageNet-LT needs {need} per class "
+                            f"(ImageNet's training images of the classes in {class_file})")
+        order = [names[i] for i in rng.permutation(len(names))[:need]]
+        rows["train"] += [f"{n} {label}" for n in order[:counts[label]]]
+        rows["val"] += [f"{n} {label}" for n in order[MINI_TRAIN:MINI_TRAIN + MINI_VAL]]
+        rows["test"] += [f"{n} {label}" for n in order[MINI_TRAIN + MINI_VAL:need]]
+    tag = f"{float(imb_factor)}"
+    written = []
+    for split, lines in rows.items():
+        path = folder / f"{tag}_{split}.txt"
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        written.append(path)
+    (folder / f"{tag}_num_list.json").write_text(json.dumps(counts), encoding="utf-8")
+    return written
+
+
 def _load_mini_imagenet_lt(root: Path, imb_factor: float, n_classes: int) -> LTData:
     folder = root / MINI_IMAGENET_FOLDER
     train_dir = root / IMAGENET_FOLDER / "train"
     tag = f"{float(imb_factor)}"
+    if not (folder / f"{tag}_train.txt").is_file() and (folder / "all_classes.txt").is_file():
+        written = make_mini_imagenet_splits(root, imb_factor)
+        print(f"mini-ImageNet-LT: wrote the split files {', '.join(p.name for p in written)} in {folder} "
+              f"(from all_classes.txt, seed 0)", flush=True)
     what = (f"the mini-ImageNet-LT split files for data.imb_factor = {tag} ({tag}_train.txt, {tag}_val.txt, "
             f"{tag}_test.txt)")
     files, labels = {}, {}
