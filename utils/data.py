@@ -1,8 +1,10 @@
 """Long-tailed datasets held in memory as uint8 tensors.
 
-Three datasets are provided: ``"Cifar10"``, ``"Cifar100"`` (CIFAR-10/100-LT) and
+Three datasets are built here: ``"Cifar10"``, ``"Cifar100"`` (CIFAR-10/100-LT) and
 ``"Digits"`` (Digits-LT, built from scikit-learn's bundled 8x8 digits).  Loading is
-fully deterministic: no random numbers are used anywhere.
+fully deterministic: no random numbers are used anywhere.  The other datasets of the
+original (``"ImageNet"``, ``"MiniImagenet"``, ``"Helena"``, ``"MNIST"``) are read by
+utils/extra_datasets.py with their own split rules; :func:`load_dataset` serves all.
 
 Split rules (identical for every dataset)
 -----------------------------------------
