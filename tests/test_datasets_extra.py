@@ -201,6 +201,17 @@ def test_file_split_batches_are_224_normalised_and_ordered(tmp_path):
     assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
 
 
+def test_unreadable_image_is_a_data_error_naming_it(tmp_path):
+    from utils.batches import make_splits
+
+    _make_imagenet(tmp_path)
+    data = load_dataset("ImageNet", tmp_path, "exp", 0.01, 3)
+    Path(data.test_files[3]).write_bytes(b"not a jpeg")
+    _, _, test, _ = make_splits(data, torch.device("cpu"), num_workers=0)
+    with pytest.raises(DataError, match=r"cannot read image .*ILSVRC2012_val_10001\.JPEG"):
+        list(test.eval_batches(2))
+
+
 def test_imagenet_lt_one_epoch_end_to_end(in_tmp, write_json):
     root = in_tmp / "data"
     _make_imagenet(root)
