@@ -332,6 +332,46 @@ def test_load_into_shapes_and_ignore_restrict_load(tmp_path):
     torch.testing.assert_close(m.encoder.layer2[0].conv1.weight, state["encoder.layer2.0.conv1.weight"])
 
 
+def _fake_data(name="Digits", channels=1, counts=(40, 20, 10, 5)):
+    from types import SimpleNamespace
+    return SimpleNamespace(name=name, n_classes=len(counts), class_counts=list(counts),
+                           train_images=torch.zeros(2, channels, 8, 8, dtype=torch.uint8))
+
+
+def test_make_model_passes_every_option_from_the_config():
+    from utils.objective import trained_parameters
+    from utils.pipeline import make_model
+    cfg = from_dict({"data": {"name": "Digits", "n_classes": 4}, "model": {
+        "name": "ResNet18", "use_etf": True, "use_dr_balancer": True, "etf_norm_rate": 2.0, "bn_eps": 1e-4,
+        "activation_type": "selu", "one_param_bn": True, "normalize_feature": True, "last_relu": True,
+        "use_feature_bias": True, "logit_normalization": True, "modify_bn_weight": True,
+        "bn_weight_init_distribution": "gauss", "bn_weight_init_mean": 0.25, "bn_weight_init_std": 0.0,
+        "init_identity_bn": False}})
+    m = make_model(cfg, _fake_data())
+    assert m.small_input and m.encoder.conv1.weight.shape == (64, 1, 3, 3)
+    assert all(mod.eps == 1e-4 for mod in m.modules() if isinstance(mod, nn.BatchNorm2d))
+    assert isinstance(m.encoder.relu, nn.SELU) and isinstance(m.encoder.layer4[1].relu, nn.SELU)
+    assert isinstance(m.encoder.layer1[0].bn2, OneParamBN)
+    assert m.normalize_feature and m.last_relu and m.logit_normalization and m.feature_bias is not None
+    # N/(K n_c) = 75/(4 n_c) times the rate-2 profile [1, 5/6, 2/3, 1/2]
+    torch.testing.assert_close(m.encoder.fc.weight_norm.detach(),
+                               torch.tensor([[75 / 160], [75 / 80 * 5 / 6], [75 / 40 * 2 / 3], [75 / 20 * 0.5]]))
+    assert m.encoder.layer2[0].bn1.weight.item() == 0.25 and m.encoder.bn1.weight.item() == 1.0
+    assert m.encoder.layer2[0].downsample[1].weight.eq(1.0).all()
+    # train_etf_norm decides whether the ETF norms train in stage 1
+    names = {n for n, _ in trained_parameters(m, "first")}
+    assert "encoder.fc.bias" in names and "encoder.fc.weight_norm" not in names
+    cfg.model.train_etf_norm = True
+    names = {n for n, _ in trained_parameters(make_model(cfg, _fake_data()), "first")}
+    assert "encoder.fc.weight_norm" in names
+    # the 224-pixel stem: IMResNet names, or ImageNet-sized data with any ResNet (the original's rule)
+    cfg = from_dict({"data": {"name": "Digits", "n_classes": 4}, "model": {"name": "IMResNet34"}})
+    assert not make_model(cfg, _fake_data()).small_input
+    cfg = from_dict({"data": {"name": "Digits", "n_classes": 4}, "model": {"name": "ResNet18"}})
+    cfg.data.name = "ImageNet"
+    assert make_model(cfg, _fake_data(channels=3)).encoder.conv1.kernel_size == (7, 7)
+
+
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
