@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -18,6 +18,7 @@ __all__ = [
     "random_orthogonal_columns",
     "simplex_etf_directions",
     "etf_norm_profile",
+    "dr_balancer_scale",
     "etf_state_to_linear",
     "linear_state_to_etf",
 ]
@@ -75,6 +76,16 @@ def etf_norm_profile(n_classes: int, norm_rate: float = 1.0) -> torch.Tensor:
     return norms.to(torch.float32).unsqueeze(1)
 
 
+def dr_balancer_scale(class_counts: Sequence[int], n_classes: int) -> torch.Tensor:
+    """``N / (K n_c)`` per class, K x 1 (1 for every class when balanced)."""
+    counts = torch.as_tensor(list(class_counts), dtype=torch.float64)
+    if counts.dim() != 1 or counts.numel() != n_classes:
+        raise ValueError(f"the DR balancer needs {n_classes} class counts, got {counts.numel()}")
+    if bool((counts <= 0).any()):
+        raise ValueError("the DR balancer needs every class count > 0")
+    return (counts.sum() / (n_classes * counts)).to(torch.float32).unsqueeze(1)
+
+
 class ETFClassifier(nn.Module):
     """Linear classifier with fixed simplex-ETF directions.
 
@@ -83,6 +94,10 @@ class ETFClassifier(nn.Module):
     - ``weight_vec`` (K x D): persistent buffer, never trained.
     - ``weight_norm`` (K x 1): parameter, trainable only if ``train_norm``.
     - ``bias`` (K,): parameter, initialised uniform(-1/D, 1/D).
+
+    ``dr_balancer_counts`` (optional, the training class counts n_c): the
+    original's DR balancer, initial norms multiplied by ``N / (K n_c)`` (N = sum
+    of n_c), so rarer classes start with larger norms.
 
     ``generator`` (optional) seeds both the random rotation and the bias init;
     the global RNG is used when it is ``None``.
@@ -95,6 +110,7 @@ class ETFClassifier(nn.Module):
         norm_rate: float = 1.0,
         train_norm: bool = False,
         generator: torch.Generator | None = None,
+        dr_balancer_counts: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.in_features = int(in_features)
@@ -107,10 +123,10 @@ class ETFClassifier(nn.Module):
             simplex_etf_directions(self.in_features, self.out_features, generator),
             persistent=True,
         )
-        self.weight_norm = nn.Parameter(
-            etf_norm_profile(self.out_features, self.norm_rate),
-            requires_grad=self.train_norm,
-        )
+        norms = etf_norm_profile(self.out_features, self.norm_rate)
+        if dr_balancer_counts is not None:
+            norms = norms * dr_balancer_scale(dr_balancer_counts, self.out_features)
+        self.weight_norm = nn.Parameter(norms, requires_grad=self.train_norm)
         bound = 1.0 / self.in_features
         bias = torch.empty(self.out_features, dtype=torch.float32)
         bias.uniform_(-bound, bound, generator=generator)

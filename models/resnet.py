@@ -15,19 +15,29 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from .backbone_options import OneParamBN, PreActBasicBlock, make_activation
 from .classifiers import ETFClassifier
 from .logit_adjust import LogitAdjuster
 
-__all__ = ["LTModel", "build_model", "SUPPORTED_MODELS", "FEATURE_DIM"]
+__all__ = ["LTModel", "build_model", "SUPPORTED_MODELS", "FEATURE_DIM", "LARGE_INPUT_MODELS",
+           "BASIC_BLOCK_MODELS"]
 
 _NORM_EPS = 1e-10
 
 _CONSTRUCTORS = {
     "ResNet18": torchvision.models.resnet18,
     "ResNet34": torchvision.models.resnet34,
+    "IMResNet18": torchvision.models.resnet18,
+    "IMResNet34": torchvision.models.resnet34,
+    "ResNeXt50": torchvision.models.resnext50_32x4d,
 }
 SUPPORTED_MODELS = tuple(_CONSTRUCTORS)
-FEATURE_DIM = {"ResNet18": 512, "ResNet34": 512}
+FEATURE_DIM = {"ResNet18": 512, "ResNet34": 512, "IMResNet18": 512, "IMResNet34": 512, "ResNeXt50": 2048}
+# The 224-pixel variants: torchvision's 7x7 stride-2 stem and 3x3 stride-2 max-pool.
+LARGE_INPUT_MODELS = ("IMResNet18", "IMResNet34")
+# identity_skip and one_param_bn rebuild basic blocks; ResNeXt50's bottlenecks are
+# not supported (the original raises NotImplementedError there too).
+BASIC_BLOCK_MODELS = ("ResNet18", "ResNet34", "IMResNet18", "IMResNet34")
 
 _CLASSIFIER_TYPES = (nn.Linear, ETFClassifier)
 
@@ -144,7 +154,7 @@ class LTModel(nn.Module):
         }
         identity_bn_ids = {id(self.encoder.bn1)}
         for block in self._blocks():
-            if isinstance(block, (BasicBlock, Bottleneck)) and block.downsample is not None:
+            if isinstance(block, (BasicBlock, Bottleneck, PreActBasicBlock)) and block.downsample is not None:
                 for m in block.downsample.modules():
                     if isinstance(m, nn.BatchNorm2d):
                         identity_bn_ids.add(id(m))
@@ -183,7 +193,7 @@ def build_model(
     n_classes: int,
     *,
     in_channels: int = 3,
-    small_input: bool = True,
+    small_input: bool | None = None,
     use_etf: bool = False,
     train_etf_norm: bool = False,
     etf_norm_rate: float = 1.0,
@@ -197,8 +207,22 @@ def build_model(
     la_for_training: bool = False,
     la_additive: bool = True,
     generator: torch.Generator | None = None,
+    activation_type: str = "relu",
+    activation_param: float = 0.03,
+    identity_skip: bool = False,
+    one_param_bn: bool = False,
+    use_dr_balancer: bool = False,
 ) -> LTModel:
     """Build an :class:`LTModel` (torchvision default init throughout).
+
+    ``small_input`` (CIFAR stem: 3x3 stride-1 conv, no max-pool) defaults to
+    False for the IMResNet names and True otherwise.  ``activation_type`` replaces
+    every ReLU of the backbone (stem and blocks; not ``last_relu``).
+    ``identity_skip`` turns the basic blocks into pre-activation blocks;
+    ``one_param_bn`` gives the stem BN and the blocks' BNs one shared scale and
+    shift (downsample BNs keep per-channel parameters, as in the original).
+    ``use_dr_balancer`` scales the initial ETF norms by N/(K n_c) (needs
+    ``class_counts``).
 
     ``generator`` seeds only the ETF random rotation and ETF bias init; the
     backbone and a Linear head use the global RNG (torchvision's init).
@@ -209,7 +233,14 @@ def build_model(
             + ", ".join(SUPPORTED_MODELS))
     if int(n_classes) < 1:
         raise ValueError(f"n_classes must be >= 1, got {n_classes}")
+    if (identity_skip or one_param_bn) and name not in BASIC_BLOCK_MODELS:
+        raise ValueError(f"identity_skip / one_param_bn are built for {', '.join(BASIC_BLOCK_MODELS)} "
+                         f"(basic blocks), not {name}")
+    if use_dr_balancer and (not use_etf or class_counts is None):
+        raise ValueError("use_dr_balancer scales the ETF classifier's norms; it needs use_etf and class_counts")
     n_classes = int(n_classes)
+    if small_input is None:
+        small_input = name not in LARGE_INPUT_MODELS
 
     encoder = _CONSTRUCTORS[name](weights=None, num_classes=n_classes)
     if small_input:
@@ -220,6 +251,22 @@ def build_model(
         # only rebuild it when the channel count differs.
         encoder.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2,
                                   padding=3, bias=False)
+    if one_param_bn:
+        encoder.bn1 = OneParamBN(encoder.bn1.num_features)
+    if identity_skip or one_param_bn:
+        for layer_name in ("layer1", "layer2", "layer3", "layer4"):
+            layer = getattr(encoder, layer_name)
+            for i, block in enumerate(layer):
+                if identity_skip:
+                    layer[i] = PreActBasicBlock(block, one_param_bn=one_param_bn)
+                else:  # post-activation block, only the BNs change
+                    block.bn1 = OneParamBN(block.bn1.num_features)
+                    block.bn2 = OneParamBN(block.bn2.num_features)
+    if activation_type != "relu":
+        encoder.relu = make_activation(activation_type, activation_param)
+        for layer in (encoder.layer1, encoder.layer2, encoder.layer3, encoder.layer4):
+            for block in layer:
+                block.relu = make_activation(activation_type, activation_param)
     for m in encoder.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.eps = float(bn_eps)
@@ -227,7 +274,8 @@ def build_model(
     d = encoder.fc.in_features
     if use_etf:
         encoder.fc = ETFClassifier(d, n_classes, norm_rate=etf_norm_rate,
-                                   train_norm=train_etf_norm, generator=generator)
+                                   train_norm=train_etf_norm, generator=generator,
+                                   dr_balancer_counts=class_counts if use_dr_balancer else None)
 
     adjuster = LogitAdjuster(la_tau, class_counts, for_training=la_for_training,
                              additive=la_additive)

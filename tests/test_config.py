@@ -78,7 +78,7 @@ def test_original_file_loads_unchanged_with_legacy_warning(tmp_path):
     ({"optim": {"weight_decay": -1}}, "optim.weight_decay = -1.0 must be >= 0"),
     ({"data": "Cifar10"}, "data = 'Cifar10' has the wrong type; expected a JSON object"),
     ({"exp_name": "../../etc"}, "exp_name = '../../etc' is not allowed"),
-    ({"model": {"activation_type": "lrelu"}}, "model.activation_type = \"lrelu\" is not implemented in this version (supported: \"relu\")"),
+    ({"model": {"dropout": 0.5}}, "model.dropout = 0.5 does not apply to ResNet34: the original's ResNets support only 0.0"),
 ])
 def test_bad_values_name_key_value_and_allowed(raw, message):
     with pytest.raises(ConfigError) as err:

@@ -64,7 +64,7 @@ class ModelConfig:
     name: str = _f("ResNet34", "backbone", MODELS)
     is_pretrained: bool = _f(False, "stage 2: initialise from the stage-1 run")
     pretrained_path: str = _f("", "stage-1 run directory without the seed (the seed is appended)")
-    load_last_linear: bool = _f(True, "stage 2: load the stage-1 classifier too")
+    load_last_linear: bool = _f(True, "stage 2: load the stage-1 classifier too (false: fresh classifier)")
     load_only_representation: bool = _f(False, "stage 2: load only the backbone, new classifier")
     use_etf: bool = _f(False, "ETF classifier (fixed simplex directions, per-class norms)")
     use_dr_balancer: bool = _f(False, "scale ETF norms by N/(K n_c)")
@@ -75,13 +75,13 @@ class ModelConfig:
     logit_adjustment_for_training: bool = _f(False, "additive LA applied in training (z + tau log pi) instead of at evaluation")
     logit_normalization: bool = _f(False, "L2-normalise logits")
     use_additive_logit_adjustment: bool = _f(True, "additive LA (z - tau log pi); false = multiplicative (z / pi^tau)")
-    activation_type: str = _f("relu", "activation", ("relu", "lrelu", "selu", "elu", "mrelu"))
-    activation_param: float = _f(0.03, "negative slope of lrelu")
+    activation_type: str = _f("relu", "activation replacing every ReLU of the backbone (mrelu = max(x, -1))", ("relu", "lrelu", "selu", "elu", "mrelu"))
+    activation_param: float = _f(0.03, "negative slope of lrelu (not read by the other activations)")
     use_feature_bias: bool = _f(False, "learned bias added to the features")
     bn_weight_init_val: float = _f(1.0, "initial BN weight (legacy)")
     bn_eps: float = _f(1e-5, "BatchNorm epsilon", check="gt0")
     last_relu: bool = _f(False, "ReLU on the pooled features")
-    one_param_bn: bool = _f(False, "one shared scale/shift per BN layer")
+    one_param_bn: bool = _f(False, "one shared scale/shift per BN layer (stem and block BNs; gradient = mean over channels)")
     modify_bn_weight: bool = _f(False, "re-initialise BN weights from a distribution")
     bn_weight_init_distribution: Optional[str] = _f(
         None, "distribution for modify_bn_weight", ("uniform", "gauss", "rectified_gauss", "pretrained"))
@@ -91,14 +91,14 @@ class ModelConfig:
     bn_weight_init_std: Optional[float] = _f(None, "modify_bn_weight gauss: std")
     bn_weight_init_min: Optional[float] = _f(None, "modify_bn_weight uniform: min")
     bn_weight_init_max: Optional[float] = _f(None, "modify_bn_weight uniform: max")
-    init_identity_bn: bool = _f(True, "modify_bn_weight also on identity-path BNs")
-    identity_skip: bool = _f(False, "pre-activation residual blocks")
+    init_identity_bn: bool = _f(True, "modify_bn_weight also on identity-path BNs (stem, downsample)")
+    identity_skip: bool = _f(False, "pre-activation residual blocks (BN-act-conv x2, no activation after the sum)")
     mlp_hlayer_n: int = _f(3, "MLP hidden layers (tabular/MNIST models)", check="ge1")
     mlp_features_d: int = _f(1024, "MLP width (tabular/MNIST models)", check="ge1")
     dropout: float = _f(0.0, "dropout (MLP models of the original; only 0 is supported)")
     use_bn: bool = _f(True, "BatchNorm in MLP models (only true is supported)")
     add_skip: bool = _f(False, "skip connections in TableMLP")
-    ignore_restrict_load: bool = _f(False, "stage 2: load the state dict non-strictly")
+    ignore_restrict_load: bool = _f(False, "stage 2: load the state dict non-strictly (skipped keys are logged)")
 
 
 @dataclass
@@ -181,17 +181,9 @@ STAGE_FLAG_DEFAULTS = {
 # Features whose keys are accepted but whose code is not built yet: setting
 # one of them away from the value shown is refused (never silently ignored).
 NOT_BUILT = {
-    ("model", "name"): ("ResNet34", "ResNet18", "TableMLP", "BNLeNet5", "BNMLP", "MLResBlock"),
-    ("model", "use_dr_balancer"): (False,),
-    ("model", "activation_type"): ("relu",),
-    ("model", "one_param_bn"): (False,),
-    ("model", "modify_bn_weight"): (False,),
-    ("model", "identity_skip"): (False,),
     ("model", "dropout"): (0.0,),
     ("model", "use_bn"): (True,),
     ("model", "add_skip"): (False,),
-    ("model", "ignore_restrict_load"): (False,),
-    ("model", "load_last_linear"): (True,),
     ("optim", "optimizer"): ("SGD",),
     ("optim", "loss_type"): ("CE", "CB"),
     ("optim", "drw"): (0,),
@@ -352,6 +344,7 @@ def validate(cfg: Config) -> None:
             if f.name in SECTIONS and section == "":
                 continue
             _check_field(section, f, getattr(obj, f.name))
+    _check_model_options(cfg)
     for (section, name), allowed in NOT_BUILT.items():
         obj = getattr(cfg, section) if section else cfg
         value = getattr(obj, name)
@@ -368,6 +361,56 @@ def validate(cfg: Config) -> None:
     if cfg.project_name == "second" and cfg.model.is_pretrained and not cfg.model.pretrained_path:
         raise ConfigError("model.pretrained_path is empty; stage 2 needs the stage-1 run directory "
                           "(e.g. exp/Cifar100/ResNet34/first/<exp_name>)")
+
+
+RESNET_MODELS = ("ResNet34", "ResNet18", "ResNeXt50", "IMResNet34", "IMResNet18")
+BASIC_BLOCK_MODELS = ("ResNet34", "ResNet18", "IMResNet34", "IMResNet18")
+# The original's ResNets assert these keys keep their defaults (they belong to its MLPs).
+_MLP_ONLY_KEYS = {"dropout": 0.0, "use_bn": True, "add_skip": False}
+# modify_bn_weight: the keys each distribution reads.
+_BN_INIT_KEYS = {"uniform": ("bn_weight_init_min", "bn_weight_init_max"),
+                 "gauss": ("bn_weight_init_mean", "bn_weight_init_std"),
+                 "rectified_gauss": ("bn_weight_init_mean", "bn_weight_init_std"),
+                 "pretrained": ("pretrained_gamma", "pretrained_beta")}
+
+
+def _check_model_options(cfg: Config) -> None:
+    """Cross-key rules of the model options (the original asserted or ignored these)."""
+    m = cfg.model
+    if m.name in RESNET_MODELS:
+        for key, default in _MLP_ONLY_KEYS.items():
+            if getattr(m, key) != default:
+                raise ConfigError(f"model.{key} = {json.dumps(getattr(m, key))} does not apply to {m.name}: the "
+                                  f"original's ResNets support only {json.dumps(default)} (the key belongs to its MLP models)")
+    else:
+        if m.activation_type != "relu":
+            raise ConfigError(f"model.activation_type = {m.activation_type!r} is built for the ResNet backbones "
+                              f"({', '.join(RESNET_MODELS)}), not {m.name}")
+        if m.use_dr_balancer:
+            raise ConfigError(f"model.use_dr_balancer = true is built for the ResNet backbones "
+                              f"({', '.join(RESNET_MODELS)}), not {m.name}")
+    for key in ("identity_skip", "one_param_bn"):
+        if getattr(m, key) and m.name not in BASIC_BLOCK_MODELS:
+            raise ConfigError(f"model.{key} = true is built for {', '.join(BASIC_BLOCK_MODELS)} (basic blocks), "
+                              f"not {m.name}")
+    if m.use_dr_balancer and not m.use_etf:
+        raise ConfigError("model.use_dr_balancer = true scales the ETF classifier's norms; set model.use_etf = true")
+    if m.modify_bn_weight:
+        dist = m.bn_weight_init_distribution
+        if dist is None:
+            raise ConfigError("model.modify_bn_weight = true needs model.bn_weight_init_distribution: "
+                              "uniform, gauss, rectified_gauss or pretrained")
+        for key in _BN_INIT_KEYS[dist]:
+            if getattr(m, key) is None:
+                raise ConfigError(f"model.bn_weight_init_distribution = {dist!r} needs model.{key} (a number)")
+        if dist == "uniform" and m.bn_weight_init_min > m.bn_weight_init_max:
+            raise ConfigError(f"model.bn_weight_init_min = {m.bn_weight_init_min} is above "
+                              f"model.bn_weight_init_max = {m.bn_weight_init_max}")
+        if dist in ("gauss", "rectified_gauss") and m.bn_weight_init_std < 0:
+            raise ConfigError(f"model.bn_weight_init_std = {m.bn_weight_init_std} must be >= 0")
+        if dist == "pretrained" and not m.pretrained_path:
+            raise ConfigError("model.bn_weight_init_distribution = 'pretrained' reads the BN weights of "
+                              "<model.pretrained_path>/<seed>/best.paramOnly; model.pretrained_path is empty")
 
 
 def _check_exp_name(name: str) -> None:

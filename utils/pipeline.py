@@ -30,9 +30,10 @@ from utils.objective import make_objective, make_optimizer, norm_param, trained_
 from utils.regularizers import MaxNorm, normalise_classifier
 from utils.rundir import (ARGS_FILE, BEST_LOG_FILE, BEST_PARAM_FILE, METRICS_FILE, TRACK_RECORDS_FILE,
                           TRAIN_LOG_FILE, RunDir)
-from utils.stage1 import CLASSIFIER_PREFIX, Stage1Run, adapt_state_dict, load_into, read_stage1
+from utils.stage1 import (CLASSIFIER_PREFIX, Stage1Run, adapt_state_dict, apply_bn_weight_init, load_into,
+                          read_stage1)
 from utils.batches import make_splits
-from models.small import small_model_options
+from models.small import SMALL_MODELS, small_model_options
 from utils.train import SplitTensors, TrainState, cosine_lr, evaluate, train_one_epoch
 
 
@@ -72,18 +73,24 @@ class RunLog:
 
 def make_model(cfg: Config, data: LTData) -> nn.Module:
     m = cfg.model
-    return build_model(
+    model = build_model(
         m.name, data.n_classes,
         in_channels=data.in_channels,
-        small_input=not m.name.startswith("IM"),
+        # the original picks the 224-pixel stem by dataset; IMResNet names ask for it too
+        small_input=not (m.name.startswith("IM") or cfg.data.name in ("ImageNet", "MiniImagenet")),
         use_etf=m.use_etf, train_etf_norm=m.train_etf_norm, etf_norm_rate=m.etf_norm_rate,
         normalize_feature=m.normalize_feature, last_relu=m.last_relu,
         use_feature_bias=m.use_feature_bias, logit_normalization=m.logit_normalization,
         bn_eps=m.bn_eps, class_counts=data.class_counts,
         la_tau=m.logit_adjustment_tau, la_for_training=m.logit_adjustment_for_training,
         la_additive=m.use_additive_logit_adjustment,
-        **small_model_options(m, data),
+        **(small_model_options(m, data) if m.name in SMALL_MODELS else dict(
+            activation_type=m.activation_type, activation_param=m.activation_param,
+            identity_skip=m.identity_skip, one_param_bn=m.one_param_bn, use_dr_balancer=m.use_dr_balancer)),
     )
+    if m.modify_bn_weight:
+        apply_bn_weight_init(model, cfg)
+    return model
 
 
 # ---------------------------------------------------------------------------
@@ -110,10 +117,12 @@ def prepare(cfg: Config, stage: str) -> Prepared:
     model = make_model(cfg, data)
     if stage1 is not None:
         prefix = getattr(model, "classifier_prefix", CLASSIFIER_PREFIX)  # small models: "fc."
+        fresh_classifier = cfg.model.load_only_representation or not cfg.model.load_last_linear
         state = adapt_state_dict(stage1.state_dict, stage1.config.model.use_etf, cfg.model.use_etf,
-                                 cfg.model.load_only_representation, prefix=prefix)
-        load_into(model, state, strict=not cfg.model.load_only_representation,
-                  source=stage1.path / BEST_PARAM_FILE, prefix=prefix)
+                                 fresh_classifier, prefix=prefix)
+        stage1.skipped_keys = load_into(model, state, strict=not fresh_classifier,
+                                        source=stage1.path / BEST_PARAM_FILE, prefix=prefix,
+                                        ignore_restrict_load=cfg.model.ignore_restrict_load)
     model.to(device)
     if cfg.optim.norm_type in ("L2", "tau"):
         normalise_classifier(model.classifier, cfg.optim.norm_type, norm_param(cfg))
@@ -134,6 +143,9 @@ def run(cfg: Config, stage: str, exp_root: str | Path = "exp") -> Path:
     log.info(f"python {sys.version.split()[0]}, torch {torch.__version__}, device {p.device}")
     if p.stage1 is not None:
         log.info(f"loaded stage-1 weights from {p.stage1.path / BEST_PARAM_FILE}")
+        if p.stage1.skipped_keys:
+            log.info(f"ignore_restrict_load: {len(p.stage1.skipped_keys)} keys not loaded: "
+                     + ", ".join(p.stage1.skipped_keys))
     for line in p.data.summary_lines():
         log.info(line)
 

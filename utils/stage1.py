@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import pickle
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from models.backbone_options import reinit_bn_weights
 from models.classifiers import etf_state_to_linear, linear_state_to_etf
 from utils.config import Config, ConfigError, from_dict
 from utils.errors import Stage1Error  # noqa: F401  (re-exported)
@@ -27,6 +28,7 @@ class Stage1Run:
     path: Path
     config: Config
     state_dict: dict
+    skipped_keys: list = field(default_factory=list)  # set by ignore_restrict_load
 
 
 def read_stage1(cfg: Config) -> Stage1Run:
@@ -62,7 +64,28 @@ def read_stage1(cfg: Config) -> Stage1Run:
         if theirs != ours:
             raise Stage1Error(f"stage-1 run {run} used data.{key} = {theirs!r}, but this run has {ours!r}; "
                               "stage 2 must see the same training set (its class counts set the prior)")
-    ckpt = run / BEST_PARAM_FILE
+    _check_same_architecture(stage1_cfg, cfg, run)
+    state = _load_checkpoint(run / BEST_PARAM_FILE)
+    return Stage1Run(path=run, config=stage1_cfg, state_dict=state)
+
+
+# Options that change what the stage-1 weights compute: stage 2 must build the same
+# network, or it would silently evaluate other features.
+_ARCHITECTURE_KEYS = ("identity_skip", "one_param_bn", "activation_type")
+
+
+def _check_same_architecture(stage1_cfg: Config, cfg: Config, run: Path) -> None:
+    keys = list(_ARCHITECTURE_KEYS)
+    if cfg.model.activation_type == "lrelu":
+        keys.append("activation_param")
+    for key in keys:
+        theirs, ours = getattr(stage1_cfg.model, key), getattr(cfg.model, key)
+        if theirs != ours:
+            raise Stage1Error(f"stage-1 run {run} used model.{key} = {theirs!r}, but this run has {ours!r}; "
+                              f"set model.{key} to {theirs!r} so that stage 2 builds the network stage 1 trained")
+
+
+def _load_checkpoint(ckpt: Path) -> dict:
     if not ckpt.is_file():
         raise Stage1Error(f"{ckpt} is missing; the stage-1 run has not saved its best weights")
     try:
@@ -75,12 +98,39 @@ def read_stage1(cfg: Config) -> Stage1Run:
         raise Stage1Error(f"{ckpt} is unreadable or truncated: {first}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise Stage1Error(f"{ckpt} does not hold a state_dict of tensors")
-    return Stage1Run(path=run, config=stage1_cfg, state_dict=dict(state))
+    return dict(state)
+
+
+def apply_bn_weight_init(model: torch.nn.Module, cfg: Config) -> list[str]:
+    """``model.modify_bn_weight``: re-draw the BN scales of a freshly built model.
+
+    The ``pretrained`` distribution reads ``<pretrained_path>/<seed>/best.paramOnly``
+    (any earlier run of the same network) and sets ``w = pretrained_gamma * w_run
+    + pretrained_beta`` for every BN.  Returns the BN modules changed.
+    """
+    m = cfg.model
+    state = None
+    if m.bn_weight_init_distribution == "pretrained":
+        state = _load_checkpoint(Path(m.pretrained_path) / str(cfg.seeds) / BEST_PARAM_FILE)
+    groups = model.named_parameter_groups()
+    identity = {name.rsplit(".", 1)[0] for name, _ in groups.get("identity_bn", [])}
+    try:
+        return reinit_bn_weights(
+            model, m.bn_weight_init_distribution,
+            low=m.bn_weight_init_min, high=m.bn_weight_init_max,
+            mean=m.bn_weight_init_mean, std=m.bn_weight_init_std,
+            include_identity=m.init_identity_bn, identity_bn_names=identity,
+            pretrained_state=state, gamma=m.pretrained_gamma, beta=m.pretrained_beta)
+    except (KeyError, ValueError) as exc:
+        source = Path(m.pretrained_path) / str(cfg.seeds) / BEST_PARAM_FILE
+        raise Stage1Error(f"model.modify_bn_weight from {source}: {exc.args[0]}") from None
 
 
 def adapt_state_dict(state: dict, stage1_etf: bool, want_etf: bool, only_representation: bool,
                      prefix: str = CLASSIFIER_PREFIX) -> dict:
-    """Convert the classifier between ETF and Linear as stage 2 asks, or drop it."""
+    """Convert the classifier between ETF and Linear as stage 2 asks, or drop it
+    (``only_representation``: ``load_only_representation`` or not
+    ``load_last_linear``; the model then keeps its freshly initialised classifier)."""
     if only_representation:
         return {k: v for k, v in state.items() if not k.startswith(prefix)}
     if stage1_etf and not want_etf:
@@ -91,11 +141,26 @@ def adapt_state_dict(state: dict, stage1_etf: bool, want_etf: bool, only_represe
 
 
 def load_into(model: torch.nn.Module, state: dict, strict: bool, source: Path,
-              prefix: str = CLASSIFIER_PREFIX) -> None:
+              prefix: str = CLASSIFIER_PREFIX, ignore_restrict_load: bool = False) -> list[str]:
+    """Load ``state``; ``strict=False`` lets the classifier keys be missing.
+
+    With ``ignore_restrict_load`` (the original's non-strict load) missing,
+    unexpected and wrongly shaped keys are skipped instead of refused; the
+    skipped keys are returned so that the run log can name them.
+    """
+    own = model.state_dict()
+    mismatched = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if mismatched and not ignore_restrict_load:
+        k = mismatched[0]
+        raise Stage1Error(f"{source} does not fit the model: {len(mismatched)} tensors have another shape "
+                          f"(e.g. {k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model)")
+    state = {k: v for k, v in state.items() if k not in mismatched}
     result = model.load_state_dict(state, strict=False)
     missing = list(result.missing_keys)
     if not strict:
         missing = [k for k in missing if not k.startswith(prefix)]
+    if ignore_restrict_load:
+        return sorted(set(mismatched) | set(missing) | set(result.unexpected_keys))
     problems = []
     if missing:
         problems.append(f"missing {len(missing)} keys (e.g. {missing[0]})")
@@ -103,3 +168,4 @@ def load_into(model: torch.nn.Module, state: dict, strict: bool, source: Path,
         problems.append(f"unexpected {len(result.unexpected_keys)} keys (e.g. {result.unexpected_keys[0]})")
     if problems:
         raise Stage1Error(f"{source} does not fit the model: " + "; ".join(problems))
+    return []
