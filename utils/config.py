@@ -103,7 +103,7 @@ class OptimConfig:
     base_lr: float = _f(0.01, "initial learning rate (cosine-annealed to 0)", check="ge0")
     optimizer: str = _f("SGD", "optimizer (AdamW: decoupled decay on every trained parameter)", ("SGD", "AdamW"))
     momentum: float = _f(0.9, "SGD momentum", check="ge0")
-    loss_type: str = _f("CE", "loss", ("CE", "CB", "FL", "DR", "NC"))
+    loss_type: str = _f("CE", "loss: CE; CB class-balanced (cb_type); FL sigmoid focal; DR dot regression; NC CE + feature terms", ("CE", "CB", "FL", "DR", "NC"))
     cb_type: str = _f("softmax", "CB variant (sigmoid and focal set the classifier bias to -log(K-1))", ("softmax", "sigmoid", "focal", "dr"))
     cb_beta: float = _f(0.9999, "class-balanced beta (1 = inverse frequency)", check="unit_closed")
     cb_gamma: float = _f(2.0, "focal gamma (CB focal and FL)", check="ge0")
@@ -357,14 +357,16 @@ def validate(cfg: Config) -> None:
 
 
 def _check_optim(o: OptimConfig) -> None:
-    """Loss / optimiser / weight-decay combinations: refuse what would be ignored or cannot work."""
+    """Loss / optimiser / weight-decay combinations: refuse what cannot work (as the original
+    does), warn about a value that has no effect in this combination (an old args.json may
+    carry one, so it stays loadable)."""
     if o.drw > 0 and o.loss_type == "CE":
-        raise ConfigError(f"optim.drw = {o.drw} has no effect with optim.loss_type = 'CE' "
-                          "(DRW defers a re-weighted loss: CB, FL, DR or NC); set drw to 0")
+        _no_effect(f"optim.drw = {o.drw} has no effect with optim.loss_type = 'CE' "
+                   "(DRW defers a re-weighted loss: CB, FL, DR or NC)")
     for name in ("nc_lambda1", "nc_lambda2"):
         if getattr(o, name) > 0 and o.loss_type != "NC":
-            raise ConfigError(f"optim.{name} = {getattr(o, name)} is only read with optim.loss_type = 'NC' "
-                              f"(here {o.loss_type!r}); set it to 0")
+            _no_effect(f"optim.{name} = {getattr(o, name)} has no effect with optim.loss_type = {o.loss_type!r} "
+                       "(only NC reads it)")
     target = o.weight_decay_target
     if target is not None and (len(target) != 3 or not all(isinstance(t, bool) for t in target)):
         raise ConfigError(f"optim.weight_decay_target = {json.dumps(target)} is not allowed; "
@@ -378,8 +380,8 @@ def _check_optim(o: OptimConfig) -> None:
         raise ConfigError("optim.weight_decay_limit = true needs optim.weight_decay_target_modules "
                           "(module indices 0-5: 0 stem, 1-4 layer1-4, 5 classifier)")
     if modules is not None and not o.weight_decay_limit:
-        raise ConfigError(f"optim.weight_decay_target_modules = {json.dumps(modules)} is only read with "
-                          "optim.weight_decay_limit = true")
+        _no_effect(f"optim.weight_decay_target_modules = {json.dumps(modules)} has no effect with "
+                   "optim.weight_decay_limit = false")
     if o.optimizer == "AdamW":
         why = "AdamW's decay is the optimiser's decoupled decay, applied to every trained parameter"
         if o.weight_decay_limit:
@@ -393,7 +395,11 @@ def _check_optim(o: OptimConfig) -> None:
             raise ConfigError(f"optim.weight_decay_target = {json.dumps(target)} is not supported with "
                               f"optim.optimizer = 'AdamW' ({why}); use SGD, or null for all classes")
         if o.momentum != 0.9:
-            raise ConfigError(f"optim.momentum = {o.momentum} is only read by SGD (AdamW uses its default betas)")
+            _no_effect(f"optim.momentum = {o.momentum} has no effect with AdamW (only SGD reads it)")
+
+
+def _no_effect(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=4)
 
 
 def _check_exp_name(name: str) -> None:
