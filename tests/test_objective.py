@@ -158,6 +158,15 @@ def test_etf_feature_bias_and_stage2_sets():
     assert len(trained) == 63 and _names(decayed) == {"encoder.fc.weight", "encoder.fc.bias", "feature_bias"}
     _, trained, decayed = _sets(_cfg("second", weight_decay=0.1), stage="second")
     assert [n for n, _ in trained] == ["encoder.fc.weight", "encoder.fc.bias"] == [d.name for d in decayed]
+    # stage 2 with no classifier row chosen (the original's no-JSON default): nothing decays, no term
+    cfg = _cfg("second", weight_decay=0.1, weight_decay_target=[False, False, False])
+    _, trained, decayed = _sets(cfg, stage="second")
+    assert decayed == []
+    terms = make_objective(cfg, [5] * K, decayed, torch.device("cpu"))(
+        torch.zeros(1, K), torch.tensor([0]), torch.zeros(1, 512))
+    assert set(terms) == {"ce"}
+    assert "weight decay 0.1 on 0 tensors (0 parameters), classifier rows of no classes" in describe_parameters(
+        cfg, trained, decayed)
 
 
 def test_describe_parameters_counts():

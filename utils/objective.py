@@ -97,7 +97,8 @@ class Objective:
         self.main_name = main_loss_name(cfg)
         self.decayed = [d if isinstance(d, DecayEntry) else DecayEntry("", d) for d in decayed]
         self.classifier = classifier
-        self.explicit_decay = o.weight_decay > 0 and o.optimizer != "AdamW"
+        # no term at all when nothing decays (e.g. stage 2 with weight_decay_target all false)
+        self.explicit_decay = o.weight_decay > 0 and o.optimizer != "AdamW" and len(self.decayed) > 0
         self.fallback_to_ce = False
         self.weights = None
         if o.loss_type == "CB":
