@@ -105,16 +105,16 @@ class ModelConfig:
 class OptimConfig:
     total_epoch_num: int = _f(320, "training epochs (stage 2: 0 = evaluate only)", check="ge0")
     base_lr: float = _f(0.01, "initial learning rate (cosine-annealed to 0)", check="ge0")
-    optimizer: str = _f("SGD", "optimizer", ("SGD", "AdamW"))
+    optimizer: str = _f("SGD", "optimizer (AdamW: decoupled decay on every trained parameter)", ("SGD", "AdamW"))
     momentum: float = _f(0.9, "SGD momentum", check="ge0")
-    loss_type: str = _f("CE", "loss", ("CE", "CB", "FL", "DR", "NC"))
-    cb_type: str = _f("softmax", "class-balanced variant", ("softmax", "sigmoid", "focal", "dr"))
+    loss_type: str = _f("CE", "loss: CE; CB class-balanced (cb_type); FL sigmoid focal; DR dot regression; NC CE + feature terms", ("CE", "CB", "FL", "DR", "NC"))
+    cb_type: str = _f("softmax", "CB variant (sigmoid and focal set the classifier bias to -log(K-1))", ("softmax", "sigmoid", "focal", "dr"))
     cb_beta: float = _f(0.9999, "class-balanced beta (1 = inverse frequency)", check="unit_closed")
-    cb_gamma: float = _f(2.0, "focal gamma", check="ge0")
-    drw: int = _f(0, "deferred re-weighting: epoch from which the re-weighted loss applies", check="ge0")
-    nc_lambda1: float = _f(0.0, "NC loss: within-class term", check="ge0")
-    nc_lambda2: float = _f(0.0, "NC loss: between-class angle term", check="ge0")
-    weight_decay: float = _f(0.0, "weight decay, as the explicit penalty wd*||w||^2/2", check="ge0")
+    cb_gamma: float = _f(2.0, "focal gamma (CB focal and FL)", check="ge0")
+    drw: int = _f(0, "deferred re-weighting: the first drw epochs train with plain CE, then loss_type", check="ge0")
+    nc_lambda1: float = _f(0.0, "NC loss: weight of the within-class feature term", check="ge0")
+    nc_lambda2: float = _f(0.0, "NC loss: weight of the between-class-mean angle term (subtracted)", check="ge0")
+    weight_decay: float = _f(0.0, "weight decay, as the explicit penalty wd*||w||^2/2 (AdamW: its decoupled decay)", check="ge0")
     weight_decay_conv: bool = _f(True, "decay conv weights")
     weight_decay_bn: bool = _f(True, "decay BN weights and biases")
     weight_decay_identity_bn: bool = _f(True, "decay identity-path BNs (stem, downsample)")
@@ -163,18 +163,21 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig}
 LEGACY_KEYS = {("model", "encoder_num_layers")}
 
 # What the original's scripts used when no JSON was given (their argparse
-# defaults), applied on top of the dataclass defaults in that case only.
+# defaults), applied on top of the dataclass defaults in that case only.  Both scripts also set
+# weight_decay_target = [False, False, False] there: no classifier row decays.
 STAGE_FLAG_DEFAULTS = {
     "first": {
         "exp_name": "naive",
         "model": {"use_etf": True, "logit_adjustment_tau": 1.0, "logit_adjustment_for_training": True},
-        "optim": {"total_epoch_num": 320, "base_lr": 0.01, "cb_beta": 0.1},
+        "optim": {"total_epoch_num": 320, "base_lr": 0.01, "cb_beta": 0.1,
+                  "weight_decay_target": [False, False, False]},
     },
     "second": {
         "exp_name": "WB", "project_name": "second",
         "model": {"is_pretrained": True, "pretrained_path": "./exp/Cifar10/ResNet34/first/wd_5e-3",
                   "use_etf": False, "train_etf_norm": True},
-        "optim": {"total_epoch_num": 10, "base_lr": 0.0, "norm_type": "L2", "norm_param": 1 / 15.5},
+        "optim": {"total_epoch_num": 10, "base_lr": 0.0, "norm_type": "L2", "norm_param": 1 / 15.5,
+                  "weight_decay_target": [False, False, False]},
     },
 }
 
@@ -184,16 +187,6 @@ NOT_BUILT = {
     ("model", "dropout"): (0.0,),
     ("model", "use_bn"): (True,),
     ("model", "add_skip"): (False,),
-    ("optim", "optimizer"): ("SGD",),
-    ("optim", "loss_type"): ("CE", "CB"),
-    ("optim", "drw"): (0,),
-    ("optim", "weight_decay_conv"): (True,),
-    ("optim", "weight_decay_bn"): (True,),
-    ("optim", "weight_decay_identity_bn"): (True,),
-    ("optim", "weight_decay_limit"): (False,),
-    ("optim", "weight_decay_target"): (None, [True, True, True]),
-    ("optim", "train_bn_bias"): (True,),
-    ("optim", "train_bn_weight"): (True,),
     ("", "save_features"): (False,),
     ("", "param_search"): (False,),
     ("", "save_checkpoint"): (False,),
@@ -355,8 +348,7 @@ def validate(cfg: Config) -> None:
     if (cfg.data.name == "Helena") != (cfg.model.name == "TableMLP"):
         raise ConfigError(f"data.name = {cfg.data.name!r} with model.name = {cfg.model.name!r}: Helena is a feature "
                           "table and needs model.name TableMLP; TableMLP is for Helena only")
-    if cfg.optim.loss_type == "CB" and cfg.optim.cb_type != "softmax":
-        raise ConfigError(f"optim.cb_type = {cfg.optim.cb_type!r} is not implemented in this version (supported: softmax)")
+    _check_optim(cfg.optim)
     _check_exp_name(cfg.exp_name)
     if cfg.project_name == "second" and cfg.model.is_pretrained and not cfg.model.pretrained_path:
         raise ConfigError("model.pretrained_path is empty; stage 2 needs the stage-1 run directory "
@@ -411,6 +403,52 @@ def _check_model_options(cfg: Config) -> None:
         if dist == "pretrained" and not m.pretrained_path:
             raise ConfigError("model.bn_weight_init_distribution = 'pretrained' reads the BN weights of "
                               "<model.pretrained_path>/<seed>/best.paramOnly; model.pretrained_path is empty")
+
+
+def _check_optim(o: OptimConfig) -> None:
+    """Loss / optimiser / weight-decay combinations: refuse what cannot work (as the original
+    does), warn about a value that has no effect in this combination (an old args.json may
+    carry one, so it stays loadable)."""
+    if o.drw > 0 and o.loss_type == "CE":
+        _no_effect(f"optim.drw = {o.drw} has no effect with optim.loss_type = 'CE' "
+                   "(DRW defers a re-weighted loss: CB, FL, DR or NC)")
+    for name in ("nc_lambda1", "nc_lambda2"):
+        if getattr(o, name) > 0 and o.loss_type != "NC":
+            _no_effect(f"optim.{name} = {getattr(o, name)} has no effect with optim.loss_type = {o.loss_type!r} "
+                       "(only NC reads it)")
+    target = o.weight_decay_target
+    if target is not None and (len(target) != 3 or not all(isinstance(t, bool) for t in target)):
+        raise ConfigError(f"optim.weight_decay_target = {json.dumps(target)} is not allowed; "
+                          "expected [many, medium, few] as three true/false values, or null (all classes)")
+    modules = o.weight_decay_target_modules
+    if modules is not None and (not all(isinstance(m, int) and not isinstance(m, bool) and 0 <= m <= 5
+                                        for m in modules)):
+        raise ConfigError(f"optim.weight_decay_target_modules = {json.dumps(modules)} is not allowed; expected "
+                          "module indices 0-5 (0 stem, 1-4 layer1-4, 5 classifier)")
+    if o.weight_decay_limit and modules is None:
+        raise ConfigError("optim.weight_decay_limit = true needs optim.weight_decay_target_modules "
+                          "(module indices 0-5: 0 stem, 1-4 layer1-4, 5 classifier)")
+    if modules is not None and not o.weight_decay_limit:
+        _no_effect(f"optim.weight_decay_target_modules = {json.dumps(modules)} has no effect with "
+                   "optim.weight_decay_limit = false")
+    if o.optimizer == "AdamW":
+        why = "AdamW's decay is the optimiser's decoupled decay, applied to every trained parameter"
+        if o.weight_decay_limit:
+            raise ConfigError(f"optim.weight_decay_limit = true is not supported with optim.optimizer = 'AdamW' "
+                              f"({why}); use SGD")
+        for name in ("weight_decay_conv", "weight_decay_bn", "weight_decay_identity_bn"):
+            if not getattr(o, name):
+                raise ConfigError(f"optim.{name} = false is not supported with optim.optimizer = 'AdamW' "
+                                  f"({why}); use SGD")
+        if target is not None and not all(target):
+            raise ConfigError(f"optim.weight_decay_target = {json.dumps(target)} is not supported with "
+                              f"optim.optimizer = 'AdamW' ({why}); use SGD, or null for all classes")
+        if o.momentum != 0.9:
+            _no_effect(f"optim.momentum = {o.momentum} has no effect with AdamW (only SGD reads it)")
+
+
+def _no_effect(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=4)
 
 
 def _check_exp_name(name: str) -> None:

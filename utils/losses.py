@@ -1,6 +1,7 @@
 """Per-sample classification losses (SPEC 6.2)."""
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -26,3 +27,76 @@ def class_balanced_softmax(logits: torch.Tensor, labels: torch.Tensor, weights: 
     """mean_i w_{y_i} * CE_i (the original multiplies per-sample CE by the weight, then averages)."""
     per_sample = F.cross_entropy(logits.float(), labels, reduction="none")
     return (weights[labels] * per_sample).mean()
+
+
+def sigmoid_bias_init(n_classes: int) -> float:
+    """Initial classifier bias for the sigmoid losses: -log(K-1), so that every
+    class starts at sigmoid probability 1/K (Cui et al.)."""
+    return -math.log(n_classes - 1)
+
+
+def class_balanced_sigmoid(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """mean_i w_{y_i} * sum_c BCE(z_ic, [c = y_i]) (one-hot targets, summed over classes)."""
+    logits = logits.float()
+    one_hot = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+    bce = F.binary_cross_entropy_with_logits(logits, one_hot, reduction="none").sum(dim=1)
+    return (weights[labels] * bce).mean()
+
+
+def class_balanced_focal(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                         gamma: float) -> torch.Tensor:
+    """Sigmoid focal loss: mean_i w_{y_i} * sum_c m_ic * BCE(z_ic, y_ic) with the modulator
+    m = (1 - p_t)^gamma written in the numerically stable form
+    exp(-gamma * y * z - gamma * log(1 + exp(-z))) (log(1 + exp(-z)) as softplus(-z))."""
+    logits = logits.float()
+    one_hot = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+    bce = F.binary_cross_entropy_with_logits(logits, one_hot, reduction="none")
+    modulator = torch.exp(-gamma * one_hot * logits - gamma * F.softplus(-logits))
+    return (weights[labels] * (modulator * bce).sum(dim=1)).mean()
+
+
+def dot_regression_per_sample(logits: torch.Tensor, labels: torch.Tensor, features: torch.Tensor,
+                              class_weight: torch.Tensor) -> torch.Tensor:
+    """Dot-regression loss (Yang et al., 2022), per sample: (z_y - p)^2 / (2p) with
+    p = ||h|| * ||w_y|| treated as a constant (no gradient flows through p).
+
+    ``class_weight`` is the K x D weight the classifier applies (ETF: directions x norms).
+    """
+    z_y = logits.float().gather(1, labels.unsqueeze(1)).squeeze(1)
+    p = (features.float().norm(dim=1) * class_weight.float()[labels].norm(dim=1)).detach()
+    return (z_y - p).pow(2) / (2 * p)
+
+
+def dot_regression(logits: torch.Tensor, labels: torch.Tensor, features: torch.Tensor,
+                   class_weight: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Batch mean of the dot-regression loss, each sample weighted by w_{y_i} when ``weights`` is given."""
+    per_sample = dot_regression_per_sample(logits, labels, features, class_weight)
+    if weights is not None:
+        per_sample = weights[labels] * per_sample
+    return per_sample.mean()
+
+
+def nc_terms(labels: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two feature terms of the NC loss on a mini-batch (before lambda1 / lambda2).
+
+    within = sum_i ||h_i - mu_{y_i}||^2 / m_{y_i}   (batch class means mu_c and counts m_c)
+    angle  = mean over the classes present in the batch of min_{c' != c} arccos(cos(mu_c, mu_c') - 0.01)
+    The angle term is 0 when fewer than two classes (with a non-zero mean) are present.
+    """
+    h = features.float()
+    k = int(labels.max()) + 1
+    counts = torch.bincount(labels, minlength=k).to(h.dtype)
+    sums = torch.zeros(k, h.shape[1], dtype=h.dtype, device=h.device).index_add(0, labels, h)
+    means = sums / counts.clamp_min(1).unsqueeze(1)
+    within = ((h - means[labels]).pow(2).sum(dim=1) / counts[labels]).sum()
+    norms = means.norm(dim=1)
+    present = (counts > 0) & (norms > 0)
+    if int(present.sum()) < 2:
+        return within, h.new_zeros(())
+    unit = means[present] / norms[present].unsqueeze(1)
+    cos = unit @ unit.t()
+    # cos - 0.01 keeps arccos away from its infinite slope at 1; the clamp only guards cos ~ -1.
+    angles = torch.arccos((cos - 0.01).clamp(min=-1.0 + 1e-6))
+    eye = torch.eye(angles.shape[0], dtype=torch.bool, device=angles.device)
+    angles = angles.masked_fill(eye, math.inf)
+    return within, angles.min(dim=1).values.mean()

@@ -26,7 +26,8 @@ from utils.augment import BatchAugment
 from utils.config import Config, ConfigError
 from utils.data import LTData, load_dataset
 from utils.evaluation import final_evaluation, log_fdr
-from utils.objective import make_objective, make_optimizer, norm_param, trained_parameters
+from utils.objective import (decayed_parameters, describe_parameters, init_classifier_bias,
+                             make_objective, make_optimizer, norm_param, trained_parameters)
 from utils.regularizers import MaxNorm, normalise_classifier
 from utils.rundir import (ARGS_FILE, BEST_LOG_FILE, BEST_PARAM_FILE, METRICS_FILE, TRACK_RECORDS_FILE,
                           TRAIN_LOG_FILE, RunDir)
@@ -115,6 +116,7 @@ def prepare(cfg: Config, stage: str) -> Prepared:
     data = load_dataset(cfg.data.name, cfg.data.root, cfg.data.imb_type, cfg.data.imb_factor,
                         cfg.data.n_classes, download=cfg.data.download, helena_counts=cfg.data.helena_counts)
     model = make_model(cfg, data)
+    init_classifier_bias(cfg, model)  # sigmoid losses: -log(K-1); stage-1 weights loaded below win
     if stage1 is not None:
         prefix = getattr(model, "classifier_prefix", CLASSIFIER_PREFIX)  # small models: "fc."
         fresh_classifier = cfg.model.load_only_representation or not cfg.model.load_last_linear
@@ -179,15 +181,17 @@ def fit(p: Prepared, rundir: RunDir, writer, log: RunLog, train: SplitTensors, v
         augment: BatchAugment):
     cfg, model, device = p.cfg, p.model, p.device
     o = cfg.optim
-    named = trained_parameters(model, p.stage)
+    named = trained_parameters(model, p.stage, cfg)
     trained_ids = {id(prm) for _, prm in named}
     for prm in model.parameters():
         prm.requires_grad_(id(prm) in trained_ids)
     params = [prm for _, prm in named]
-    log.info(f"trained tensors: {len(params)} ({sum(prm.numel() for prm in params):,} parameters); "
-             f"weight decay {o.weight_decay} on all of them; feature regularisation {o.features_regularization}")
+    decayed = decayed_parameters(model, named, cfg, p.data.groups())
+    log.info(describe_parameters(cfg, named, decayed))
+    if o.drw > 0:
+        log.info(f"DRW: epochs 1-{o.drw} train with plain CE, {o.loss_type} from epoch {o.drw + 1}")
     optimizer = make_optimizer(cfg, params)
-    objective = make_objective(cfg, p.data.class_counts, params, device)
+    objective = make_objective(cfg, p.data.class_counts, decayed, device, classifier=model.classifier)
 
     maxnorm = MaxNorm(model.classifier, norm_param(cfg)) if o.norm_type == "maxnorm" else None
     if maxnorm is not None:
@@ -220,6 +224,7 @@ def fit(p: Prepared, rundir: RunDir, writer, log: RunLog, train: SplitTensors, v
         lr = cosine_lr(o.base_lr, epoch, total)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        objective.set_epoch(epoch)
         out = train_one_epoch(model, train, state, epoch, total)
         if project is not None and o.maxnorm_every == "epoch":
             project()
