@@ -335,7 +335,7 @@ def test_load_into_shapes_and_ignore_restrict_load(tmp_path):
 def _fake_data(name="Digits", channels=1, counts=(40, 20, 10, 5)):
     from types import SimpleNamespace
     return SimpleNamespace(name=name, n_classes=len(counts), class_counts=list(counts),
-                           train_images=torch.zeros(2, channels, 8, 8, dtype=torch.uint8))
+                           train_images=torch.zeros(2, channels, 8, 8, dtype=torch.uint8), in_channels=channels)
 
 
 def test_make_model_passes_every_option_from_the_config():
