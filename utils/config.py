@@ -53,6 +53,7 @@ class DataConfig:
     root: str = _f("datasets", "data root folder (downloads land here)")
     download: bool = _f(True, "download CIFAR with torchvision when absent")
     eval_batch_size: int = _f(1024, "batch size for evaluation passes", check="ge1")
+    eval_hflip: bool = _f(False, "final evaluation averages the logits of each image and its horizontal flip (WB's notebooks)")
 
 
 @dataclass
@@ -68,6 +69,7 @@ class ModelConfig:
     normalize_feature: bool = _f(False, "L2-normalise penultimate features")
     etf_norm_rate: float = _f(1.0, "head/tail ratio of the initial ETF norms", check="gt0")
     logit_adjustment_tau: float = _f(0.0, "logit adjustment strength tau (0 = off)", check="ge0")
+    logit_adjustment_tau_sweep: str = _f("", "tau sweep: 'start:stop:num' or 'a,b,c'; the best tau on validation is used ('' = off)")
     logit_adjustment_for_training: bool = _f(False, "additive LA applied in training (z + tau log pi) instead of at evaluation")
     logit_normalization: bool = _f(False, "L2-normalise logits")
     use_additive_logit_adjustment: bool = _f(True, "additive LA (z - tau log pi); false = multiplicative (z / pi^tau)")
@@ -199,8 +201,6 @@ NOT_BUILT = {
     ("optim", "weight_decay_target"): (None, [True, True, True]),
     ("optim", "train_bn_bias"): (True,),
     ("optim", "train_bn_weight"): (True,),
-    ("", "save_features"): (False,),
-    ("", "param_search"): (False,),
     ("", "save_checkpoint"): (False,),
     ("", "load_checkpoint"): (False,),
 }
@@ -358,6 +358,8 @@ def validate(cfg: Config) -> None:
                               f"(supported: {shown})")
     if cfg.optim.loss_type == "CB" and cfg.optim.cb_type != "softmax":
         raise ConfigError(f"optim.cb_type = {cfg.optim.cb_type!r} is not implemented in this version (supported: softmax)")
+    from utils.tau_sweep import check_sweep
+    check_sweep(cfg)
     _check_exp_name(cfg.exp_name)
     if cfg.project_name == "second" and cfg.model.is_pretrained and not cfg.model.pretrained_path:
         raise ConfigError("model.pretrained_path is empty; stage 2 needs the stage-1 run directory "
