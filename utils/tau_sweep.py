@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from typing import TYPE_CHECKING
 
 from models.logit_adjust import LogitAdjuster
@@ -96,6 +97,7 @@ def best_row(rows: list[dict]) -> dict:
 def run_sweep(p: Prepared, rundir, log: RunLog, val, test, augment) -> dict:
     """Sweep, write the curve, and leave the model with the chosen tau."""
     from utils.evaluation import extract_features
+    started = time.perf_counter()
     cfg = p.cfg
     taus = parse_taus(cfg.model.logit_adjustment_tau_sweep)
     bs = cfg.data.eval_batch_size
@@ -115,7 +117,7 @@ def run_sweep(p: Prepared, rundir, log: RunLog, val, test, augment) -> dict:
                                          additive=additive).to(next(model.parameters()).device).eval()
     log.info(f"tau sweep over {len(taus)} values ({'additive' if additive else 'multiplicative'}): best tau "
              f"{best['tau']:g} with validation All {best['val_All']:.4f}; test All {best['test_All']:.4f} "
-             f"(curve in {SWEEP_CSV})")
+             f"(curve in {SWEEP_CSV}; {time.perf_counter() - started:.1f} s)")
     from utils.plots import plot_tau_sweep
     plot_tau_sweep(rows, best["tau"], rundir.path / "imgs" / "tau_sweep.png")
     return best
