@@ -88,5 +88,15 @@ def test_every_plot_of_a_two_stage_run(tmp_path, write_json):
     imgs2 = {p.stem for p in (run2 / "imgs").glob("*.png")}
     # no training epochs: no per-epoch figures, but the comparison with stage 1
     assert imgs2 == (STAGE1_PNGS - {"train_loss_per_class", "accuracy_curves", "weight_norm_evolution",
-                                    "forgetting"}) | {"per_class_accuracy_vs_stage1"}
+                                    "forgetting"}) | {"per_class_accuracy_vs_stage1", "weight_norm_vs_stage1"}
     _check_png(run2 / "imgs/per_class_accuracy_vs_stage1.png")
+
+    # command line: compare runs class by class; redraw a run
+    from utils.plots import main as plots_main
+    out = tmp_path / "cmp.png"
+    assert plots_main(["compare", str(run), str(run2), "--labels", "stage 1", "LA", "--out", str(out)]) == 0
+    _check_png(out)
+    assert plots_main(["compare", str(run), "--column", "nope", "--out", str(out)]) == 2
+    (run / "imgs/montage.png").unlink()
+    assert plots_main(["redraw", str(run)]) == 0
+    _check_png(run / "imgs/montage.png")

@@ -328,20 +328,42 @@ def montage_figure(images: torch.Tensor, labels: torch.Tensor, order: list[int],
     return fig
 
 
-def stage_comparison_figure(df: pd.DataFrame, df1: pd.DataFrame, acc_col: str) -> Figure:
-    fig = _figure(8, 4.5)
+COLUMN_LABELS = {"test_acc": "test accuracy", "val_acc": "validation accuracy",
+                 "weight_norm": "classifier weight norm ||w_c||", "test_feature_norm": "mean test feature norm",
+                 "train_feature_norm": "mean train feature norm"}
+PALETTE = ("#7f7f7f", "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#8c564b")
+
+
+def compare_runs_figure(frames: Sequence[pd.DataFrame], labels: Sequence[str], column: str,
+                        title: Optional[str] = None) -> Figure:
+    """Grouped bars of one per_class.csv column for several runs of the same
+    classes, ordered head to tail by the first run's training counts."""
+    base = frames[0]
+    order = head_to_tail(base["n_train"].tolist())
+    classes = base["class"].iloc[order].tolist()
+    fig = _figure(9, 4.5)
     ax = fig.add_subplot()
-    x = np.arange(len(df))
-    acc1 = df1.set_index("class").loc[df["class"], acc_col].to_numpy()
-    ax.bar(x - 0.2, acc1, width=0.4, label=f"stage 1 (All {np.mean(acc1):.3f})", color="#999999")
-    ax.bar(x + 0.2, df[acc_col], width=0.4, label=f"this run (All {df[acc_col].mean():.3f})", color="#d62728")
-    ax.set_xlabel("class (head → tail)")
-    ax.set_ylabel(f"{acc_col.split('_')[0]} accuracy")
-    ax.set_ylim(0, 1.05)
-    ax.set_title("Per-class accuracy: stage 1 vs stage 2")
+    _group_spans(ax, base["group"].iloc[order].tolist())
+    x = np.arange(len(classes))
+    width = 0.8 / len(frames)
+    for i, (df, label) in enumerate(zip(frames, labels)):
+        values = df.set_index("class").loc[classes, column].to_numpy()
+        extra = f" (All {np.mean(values):.3f})" if column.endswith("_acc") else ""
+        ax.bar(x - 0.4 + width * (i + 0.5), values, width=width, label=f"{label}{extra}",
+               color=PALETTE[i % len(PALETTE)])
+    ax.set_xlabel("class (head → tail; shaded: Many / Medium / Few)")
+    ax.set_ylabel(COLUMN_LABELS.get(column, column))
+    if column.endswith("_acc"):
+        ax.set_ylim(0, 1.05)
+    ax.set_title(title or f"Per-class {COLUMN_LABELS.get(column, column)}")
     ax.legend(fontsize=8)
-    _class_ticks(ax, list(df["name"].astype(str)))
+    _class_ticks(ax, base["name"].iloc[order].astype(str).tolist())
     return fig
+
+
+def stage_comparison_figure(df: pd.DataFrame, df1: pd.DataFrame, acc_col: str) -> Figure:
+    return compare_runs_figure([df1, df], ["stage 1", "this run (stage 2)"], acc_col,
+                               "Per-class accuracy: stage 1 vs stage 2")
 
 
 def plot_tau_sweep(rows: list[dict], best_tau: float, path: Path) -> Path:
@@ -413,9 +435,83 @@ def plot_run(run: Path, train_images: Optional[torch.Tensor] = None, train_label
         df1 = pd.read_csv(Path(stage1_run) / PER_CLASS_FILE)
         if acc_col in df1 and len(df1) == len(df):
             figures["per_class_accuracy_vs_stage1"] = stage_comparison_figure(df, df1, acc_col)
+            figures["weight_norm_vs_stage1"] = compare_runs_figure(
+                [df1, df], ["stage 1", "this run (stage 2)"], "weight_norm",
+                "Per-class classifier weight norm: stage 1 vs stage 2")
     paths = []
     for name, fig in figures.items():
         paths.append(save_figure(fig, out / f"{name}.png"))
         if writer is not None and name in MAIN_FIGURES + ("per_class_accuracy_vs_stage1",):
             writer.add_figure(f"figures/{name}", fig, close=False)
     return paths
+
+
+# ---------------------------------------------------------------------------
+# Command line: redraw a run's figures, or compare runs
+# ---------------------------------------------------------------------------
+
+def _load_train_images(run: Path):
+    """The run's training images for the montage, or (None, None) if the data is not at hand."""
+    import json
+    from utils.config import from_dict
+    from utils.data import load_dataset
+    from utils.errors import UserError
+    try:
+        cfg = from_dict(json.loads((run / "args.json").read_text(encoding="utf-8")), str(run / "args.json"))
+        data = load_dataset(cfg.data.name, cfg.data.root, cfg.data.imb_type, cfg.data.imb_factor,
+                            cfg.data.n_classes, download=False)
+    except (OSError, ValueError, UserError):
+        return None, None
+    return data.train_images, data.train_labels
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import argparse
+    import sys
+    parser = argparse.ArgumentParser(
+        prog="python -m utils.plots",
+        description="redraw: the figures of run directories into <run>/imgs/. "
+                    "compare: one per-class column (per_class.csv) of several runs side by side, head to tail.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    redraw = sub.add_parser("redraw", help="redraw the figures of run directories")
+    redraw.add_argument("runs", nargs="+")
+    compare = sub.add_parser("compare", help="compare runs class by class")
+    compare.add_argument("runs", nargs="+", help="run directories (with per_class.csv)")
+    compare.add_argument("--labels", nargs="+", help="legend labels (default: the run paths)")
+    compare.add_argument("--column", default="test_acc",
+                         help="per_class.csv column: test_acc, weight_norm, test_feature_norm, ... (default test_acc)")
+    compare.add_argument("--title", default=None)
+    compare.add_argument("--out", required=True, help="PNG file to write")
+    args = parser.parse_args(argv)
+    if args.command == "redraw":
+        for run in map(Path, args.runs):
+            if not (run / PER_CLASS_FILE).is_file():
+                print(f"error: {run / PER_CLASS_FILE} not found; give a finished run directory", file=sys.stderr)
+                return 2
+            images, labels = _load_train_images(run)
+            for path in plot_run(run, images, labels):
+                print(path)
+        return 0
+    labels = args.labels or [str(r) for r in args.runs]
+    if len(labels) != len(args.runs):
+        print(f"error: --labels gives {len(labels)} labels for {len(args.runs)} runs", file=sys.stderr)
+        return 2
+    frames = []
+    for run in map(Path, args.runs):
+        if not (run / PER_CLASS_FILE).is_file():
+            print(f"error: {run / PER_CLASS_FILE} not found; give finished run directories", file=sys.stderr)
+            return 2
+        frames.append(pd.read_csv(run / PER_CLASS_FILE))
+    if args.column not in frames[0]:
+        print(f"error: --column {args.column!r} is not in per_class.csv; choose one of: "
+              + ", ".join(c for c in frames[0].columns if c not in ("class", "name", "group")), file=sys.stderr)
+        return 2
+    if any(len(f) != len(frames[0]) or args.column not in f for f in frames):
+        print("error: the runs do not have the same classes or the column", file=sys.stderr)
+        return 2
+    print(save_figure(compare_runs_figure(frames, labels, args.column, args.title), Path(args.out)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
