@@ -100,3 +100,32 @@ def test_every_plot_of_a_two_stage_run(tmp_path, write_json):
     (run / "imgs/montage.png").unlink()
     assert plots_main(["redraw", str(run)]) == 0
     _check_png(run / "imgs/montage.png")
+
+
+def test_plot_run_from_files_with_many_classes_and_rgb_images(tmp_path):
+    """plot_run reads only files (plus images): 30 classes, RGB images, classes not in size order."""
+    import csv
+    from utils.metrics import class_groups
+    from utils.plots import plot_run
+    k, epochs, per_class = 30, 3, 4
+    counts = [5 + (c * 7) % 60 for c in range(k)]
+    groups = class_groups(counts, 40, 10)
+    rng = np.random.default_rng(0)
+    with open(tmp_path / "per_class.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["class", "name", "n_train", "group", "test_acc", "weight_norm", "train_feature_norm",
+                    "test_feature_norm", "train_feature_weight_cos", "test_feature_weight_cos"])
+        for c in range(k):
+            w.writerow([c, f"c{c}", counts[c], groups[c]] + list(rng.random(6)))
+    conf = rng.random((k, k))
+    np.save(tmp_path / "confMat.npy", conf / conf.sum(1, keepdims=True))
+    np.save(tmp_path / "classifier_weight.npy", rng.standard_normal((k, 16)).astype(np.float32))
+    labels = torch.arange(k).repeat_interleave(per_class)
+    torch.save({"acc_train": torch.rand(epochs), "acc_val": torch.rand(epochs), "weight_norm": torch.rand(epochs, k),
+                "correct": torch.rand(epochs, len(labels)) > 0.5, "class_loss": torch.rand(epochs, k),
+                "labels": labels, "best_epoch": 2}, tmp_path / "trackRecords.ckpt")
+    images = torch.randint(0, 256, (len(labels), 3, 16, 16), dtype=torch.uint8)
+    paths = plot_run(tmp_path, images, labels)
+    assert {p.stem for p in paths} == STAGE1_PNGS
+    for p in paths:
+        _check_png(p)

@@ -60,6 +60,17 @@ def _class_ticks(ax, labels: Sequence[str], axis: str = "x") -> None:
         ax.set_yticklabels([labels[i] for i in pos], fontsize=8)
 
 
+def _heatmap_ticks(ax, labels: Sequence[str]) -> None:
+    """Class names on both axes of a seaborn heatmap (cells centred at i + 0.5); thinned for many classes."""
+    k = len(labels)
+    step = max(1, int(np.ceil(k / 25)))
+    pos = list(range(0, k, step))
+    ax.set_xticks([i + 0.5 for i in pos])
+    ax.set_xticklabels([labels[i] for i in pos], rotation=90 if k > 10 else 0, fontsize=8)
+    ax.set_yticks([i + 0.5 for i in pos])
+    ax.set_yticklabels([labels[i] for i in pos], rotation=0, fontsize=8)
+
+
 def _group_spans(ax, groups: Sequence[str]) -> None:
     """Light background bands marking the Many / Medium / Few classes."""
     for g in GROUPS:
@@ -83,15 +94,7 @@ def confusion_matrix_figure(conf: np.ndarray, order: list[int], names: list[str]
     ax.set_xlabel("predicted class (head → tail)")
     ax.set_ylabel("true class (head → tail)")
     ax.set_title("Row-normalised confusion matrix")
-    labels = [names[c] for c in order]
-    if k > 12:
-        _class_ticks(ax, labels, "x")
-        _class_ticks(ax, labels, "y")
-    else:
-        ax.set_xticks(np.arange(k) + 0.5)
-        ax.set_xticklabels(labels, rotation=90 if k > 10 else 0, fontsize=8)
-        ax.set_yticks(np.arange(k) + 0.5)
-        ax.set_yticklabels(labels, rotation=0, fontsize=8)
+    _heatmap_ticks(ax, [names[c] for c in order])
     return fig
 
 
@@ -166,12 +169,7 @@ def weight_cosine_figure(weight: np.ndarray, order: list[int], names: list[str])
     ax.set_xlabel("class (head → tail)")
     ax.set_ylabel("class (head → tail)")
     ax.set_title("Cosine similarity between classifier weights")
-    labels = [names[c] for c in order]
-    if k <= 25:
-        ax.set_xticks(np.arange(k) + 0.5)
-        ax.set_xticklabels(labels, rotation=90 if k > 10 else 0, fontsize=8)
-        ax.set_yticks(np.arange(k) + 0.5)
-        ax.set_yticklabels(labels, rotation=0, fontsize=8)
+    _heatmap_ticks(ax, [names[c] for c in order])
     return fig
 
 
@@ -312,7 +310,7 @@ def montage_figure(images: torch.Tensor, labels: torch.Tensor, order: list[int],
         idx = (labels.cpu() == c).nonzero().flatten()[:per_class]
         for j, i in enumerate(idx.tolist()):
             tiles[row * per_class + j] = imgs[i].permute(1, 2, 0).float().numpy() / 255.0
-    grid = montage(tiles, grid_shape=(len(order), per_class), channel_axis=-1, fill=0.0, padding_width=1)
+    grid = montage(tiles, grid_shape=(len(order), per_class), channel_axis=-1, fill=(0.0,) * ch, padding_width=1)
     k = len(order)
     fig = _figure(min(8, 1 + per_class * 0.9), min(40, 1 + k * 0.9))
     ax = fig.add_subplot()
