@@ -73,10 +73,10 @@ def test_save_features_writes_penultimate_features(stage1):
     assert np.allclose(test[:64], expected, atol=1e-4)
 
 
-def _second(root, stage1_run, name, **top):
+def _second(root, stage1_run, name, model=None, **top):
     cfg = digits_config(name, "second", epochs=0, optim={"base_lr": 0.0},
                         model={"is_pretrained": True, "pretrained_path": str(stage1_run.parent),
-                               "logit_adjustment_tau": 0.5}, **top)
+                               "logit_adjustment_tau": 0.5, **(model or {})}, **top)
     path = root / f"{name}.json"
     path.write_text(json.dumps(cfg))
     assert main("second", ["--json_path", str(path), "--exp_root", str(root / "exp")]) == 0
@@ -95,11 +95,17 @@ def test_flip_tta_and_param_search_runs(stage1):
     assert acc == pytest.approx(expected)
     assert "test accuracy (flip TTA)" in (run / "train.log").read_text()
 
-    _second(root, run1, "ps", param_search=True, param_search_id=3)
+    # a sweep with a single tau (the same 0.5) keeps the comparison exact, and must leave out the test set
+    _second(root, run1, "ps", model={"logit_adjustment_tau_sweep": "0.5"}, param_search=True, param_search_id=3)
     run = root / "exp/Digits/ResNet18/second/ps/3"
     acc = json.loads((run / "acc.json").read_text())
     expected = _expected_acc(model, data, augment, data.val_images, data.val_labels, flip=False)
     assert acc == pytest.approx(expected)
+    with open(run / "tau_sweep.csv") as fh:
+        sweep = list(csv.DictReader(fh))
+    assert list(sweep[0]) == ["tau", "val_All", "val_Many", "val_Medium", "val_Few"]
+    assert float(sweep[0]["val_All"]) == pytest.approx(expected["All"], abs=1e-6)
+    assert set(json.loads((run / "tau_sweep.json").read_text())) == {"best_tau", "additive", "taus", "val"}
     assert set(json.loads((run / "fdr.json").read_text())) == {"train", "val"}
     with open(run / "per_class.csv") as fh:
         assert "val_acc" in next(csv.DictReader(fh))

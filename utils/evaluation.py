@@ -81,8 +81,9 @@ def final_evaluation(p: Prepared, rundir: RunDir, writer, log: RunLog, train: Sp
     cfg = p.cfg
     k = p.data.n_classes
     bs = cfg.data.eval_batch_size
-    split_name = "val" if cfg.param_search else "test"
-    evaluated = val if (cfg.param_search and val is not None) else test
+    use_val = cfg.param_search and val is not None
+    split_name = "val" if use_val else "test"
+    evaluated = val if use_val else test
     model = p.model
     model.eval()
     eval_feats = extract_features(model, evaluated, augment, bs, hflip=cfg.data.eval_hflip)

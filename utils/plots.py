@@ -366,9 +366,10 @@ def stage_comparison_figure(df: pd.DataFrame, df1: pd.DataFrame, acc_col: str) -
 
 def plot_tau_sweep(rows: list[dict], best_tau: float, path: Path) -> Path:
     df = pd.DataFrame(rows)
-    fig = _figure(10, 4.5)
-    for i, split in enumerate(("val", "test")):
-        ax = fig.add_subplot(1, 2, i + 1)
+    splits = [s for s in ("val", "test") if f"{s}_All" in df]
+    fig = _figure(5 * len(splits), 4.5)
+    for i, split in enumerate(splits):
+        ax = fig.add_subplot(1, len(splits), i + 1)
         ax.plot(df["tau"], df[f"{split}_All"], color="black", marker="o", lw=2, label="All")
         for g in GROUPS:
             ax.plot(df["tau"], df[f"{split}_{g}"], color=GROUP_COLOURS[g], marker=".", label=g)

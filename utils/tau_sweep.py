@@ -5,7 +5,8 @@ computed once; every tau then only re-classifies those features (a K x D
 matrix product), so a sweep of many values costs about one evaluation.  The
 best tau is the one with the highest class-averaged validation accuracy
 (ties: the smaller tau); the run then continues with that tau, so acc.json
-holds the test metrics at the chosen tau.  Outputs: ``tau_sweep.csv`` (tau
+holds the test metrics at the chosen tau.  With ``param_search`` the test set
+is left out of the sweep as well.  Outputs: ``tau_sweep.csv`` (tau
 vs All/Many/Medium/Few on validation and test), ``tau_sweep.json`` (the
 choice) and ``imgs/tau_sweep.png``.
 """
@@ -103,21 +104,22 @@ def run_sweep(p: Prepared, rundir, log: RunLog, val, test, augment) -> dict:
     bs = cfg.data.eval_batch_size
     model = p.model
     model.eval()
-    splits = {"val": extract_features(model, val, augment, bs, hflip=cfg.data.eval_hflip),
-              "test": extract_features(model, test, augment, bs, hflip=cfg.data.eval_hflip)}
+    splits = {"val": extract_features(model, val, augment, bs, hflip=cfg.data.eval_hflip)}
+    if not cfg.param_search:  # a parameter search never looks at the test set
+        splits["test"] = extract_features(model, test, augment, bs, hflip=cfg.data.eval_hflip)
     additive = cfg.model.use_additive_logit_adjustment
     rows = sweep_table(model, taus, p.data.class_counts, additive, splits, p.data.groups())
     header = list(rows[0].keys())
     rundir.write_csv(SWEEP_CSV, header, [[r[h] for h in header] for r in rows])
     best = best_row(rows)
     rundir.write_json(SWEEP_JSON, {"best_tau": best["tau"], "additive": additive, "taus": taus,
-                                   "val": {g: best[f"val_{g}"] for g in METRICS},
-                                   "test": {g: best[f"test_{g}"] for g in METRICS}})
+                                   **{name: {g: best[f"{name}_{g}"] for g in METRICS} for name in splits}})
     model.logit_adjuster = LogitAdjuster(best["tau"], p.data.class_counts, for_training=False,
                                          additive=additive).to(next(model.parameters()).device).eval()
     log.info(f"tau sweep over {len(taus)} values ({'additive' if additive else 'multiplicative'}): best tau "
-             f"{best['tau']:g} with validation All {best['val_All']:.4f}; test All {best['test_All']:.4f} "
-             f"(curve in {SWEEP_CSV}; {time.perf_counter() - started:.1f} s)")
+             f"{best['tau']:g} with validation All {best['val_All']:.4f}"
+             + (f"; test All {best['test_All']:.4f}" if "test" in splits else "")
+             + f" (curve in {SWEEP_CSV}; {time.perf_counter() - started:.1f} s)")
     from utils.plots import plot_tau_sweep
     plot_tau_sweep(rows, best["tau"], rundir.path / "imgs" / "tau_sweep.png")
     return best
