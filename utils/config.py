@@ -57,6 +57,7 @@ class DataConfig:
                           check="ge0")
     helena_counts: str = _f("all", "Helena class sizes (groups, prior, CB weights): all = whole file as the original, "
                             "train = training rows", ("all", "train"))
+    eval_hflip: bool = _f(False, "final evaluation averages the logits of each image and its horizontal flip (WB's notebooks)")
 
 
 @dataclass
@@ -72,6 +73,7 @@ class ModelConfig:
     normalize_feature: bool = _f(False, "L2-normalise penultimate features")
     etf_norm_rate: float = _f(1.0, "head/tail ratio of the initial ETF norms", check="gt0")
     logit_adjustment_tau: float = _f(0.0, "logit adjustment strength tau (0 = off)", check="ge0")
+    logit_adjustment_tau_sweep: str = _f("", "tau sweep: 'start:stop:num' or 'a,b,c'; the best tau on validation is used ('' = off)")
     logit_adjustment_for_training: bool = _f(False, "additive LA applied in training (z + tau log pi) instead of at evaluation")
     logit_normalization: bool = _f(False, "L2-normalise logits")
     use_additive_logit_adjustment: bool = _f(True, "additive LA (z - tau log pi); false = multiplicative (z / pi^tau)")
@@ -187,8 +189,6 @@ NOT_BUILT = {
     ("model", "dropout"): (0.0,),
     ("model", "use_bn"): (True,),
     ("model", "add_skip"): (False,),
-    ("", "save_features"): (False,),
-    ("", "param_search"): (False,),
     ("", "save_checkpoint"): (False,),
     ("", "load_checkpoint"): (False,),
 }
@@ -349,6 +349,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.name = {cfg.data.name!r} with model.name = {cfg.model.name!r}: Helena is a feature "
                           "table and needs model.name TableMLP; TableMLP is for Helena only")
     _check_optim(cfg.optim)
+    from utils.tau_sweep import check_sweep
+    check_sweep(cfg)
     _check_exp_name(cfg.exp_name)
     if cfg.project_name == "second" and cfg.model.is_pretrained and not cfg.model.pretrained_path:
         raise ConfigError("model.pretrained_path is empty; stage 2 needs the stage-1 run directory "

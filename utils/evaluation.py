@@ -1,16 +1,31 @@
 """Evaluation after training and periodic analysis: accuracy by group, FDR,
-sparsity, confusion matrix and the per-class table."""
+sparsity, confusion matrix, the per-class table and the saved features.
+
+The final evaluation runs on the test set, or on the validation set when
+``param_search`` is set (hyper-parameters are then chosen without looking at
+the test set).  With ``data.eval_hflip`` the logits of each image and of its
+horizontal flip are averaged (WB's notebooks average logits, not
+probabilities); features, FDR and sparsity are always those of the plain image.
+"""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Optional
+
+import torch
+import torch.nn.functional as F
 
 from utils.augment import BatchAugment
-from utils.metrics import GROUPS, fisher_discriminant_ratio, group_accuracy, hoyer_sparsity, per_class_accuracy
+from utils.metrics import (GROUPS, confusion_counts, fisher_discriminant_ratio, group_accuracy, hoyer_sparsity,
+                           per_class_accuracy)
+from utils.records import class_mean
 from utils.rundir import ACC_FILE, CONFMAT_FILE, FDR_FILE, PER_CLASS_FILE, SPARSITY_FILE, RunDir
 from utils.train import SplitTensors, evaluate
 
 if TYPE_CHECKING:  # pragma: no cover
     from utils.pipeline import Prepared, RunLog
+
+CLASSIFIER_WEIGHT_FILE = "classifier_weight.npy"
 
 
 def log_fdr(p: Prepared, writer, train: SplitTensors, val: SplitTensors, augment: BatchAugment,
@@ -22,39 +37,102 @@ def log_fdr(p: Prepared, writer, train: SplitTensors, val: SplitTensors, augment
         writer.add_scalar(f"FDR/{name}", fisher_discriminant_ratio(result.features, split.labels.cpu(), k), epoch)
 
 
+@dataclass
+class Features:
+    """Penultimate features of a split (eval mode), and of its flipped images when asked."""
+    plain: torch.Tensor              # N x D on the model's device
+    flipped: Optional[torch.Tensor]  # N x D or None
+    labels: torch.Tensor             # N on the model's device
+
+
+@torch.inference_mode()
+def extract_features(model, split: SplitTensors, augment: BatchAugment, batch_size: int,
+                     hflip: bool = False) -> Features:
+    was_training = model.training
+    model.eval()
+    plain, flipped = [], []
+    for start in range(0, split.images.shape[0], batch_size):
+        x = augment.eval(split.images[start:start + batch_size])
+        plain.append(model.features(x).float())
+        if hflip:
+            flipped.append(model.features(x.flip(3)).float())
+    model.train(was_training)
+    return Features(torch.cat(plain), torch.cat(flipped) if hflip else None, split.labels)
+
+
+@torch.inference_mode()
+def logits_of(classify: Callable[[torch.Tensor], torch.Tensor], feats: Features) -> torch.Tensor:
+    """Logits of the features; with flipped features, the mean of both logits (WB's flip TTA)."""
+    logits = classify(feats.plain).float()
+    if feats.flipped is not None:
+        logits = (logits + classify(feats.flipped).float()) / 2
+    return logits
+
+
+def accuracy_by_group(logits: torch.Tensor, labels: torch.Tensor, groups: list[str]) -> tuple[dict, torch.Tensor]:
+    """({"All","Many","Medium","Few"}, K x K confusion counts) of the argmax predictions."""
+    counts = confusion_counts(logits.argmax(dim=1), labels, len(groups)).cpu()
+    return group_accuracy(per_class_accuracy(counts).tolist(), groups), counts
+
+
 def final_evaluation(p: Prepared, rundir: RunDir, writer, log: RunLog, train: SplitTensors,
-                     test: SplitTensors, augment: BatchAugment) -> dict:
+                     test: SplitTensors, augment: BatchAugment, val: Optional[SplitTensors] = None) -> dict:
+    """Metrics and files of the final model; returns {"acc": {...}, "fdr": {...}}."""
+    cfg = p.cfg
     k = p.data.n_classes
-    bs = p.cfg.data.eval_batch_size
-    test_result = evaluate(p.model, test, augment, k, bs, want_features=True)
-    train_result = evaluate(p.model, train, augment, k, bs, want_features=True)
-    per_class = per_class_accuracy(test_result.counts)
+    bs = cfg.data.eval_batch_size
+    use_val = cfg.param_search and val is not None
+    split_name = "val" if use_val else "test"
+    evaluated = val if use_val else test
+    model = p.model
+    model.eval()
+    eval_feats = extract_features(model, evaluated, augment, bs, hflip=cfg.data.eval_hflip)
+    logits = logits_of(model.classify, eval_feats)
+    train_feats = extract_features(model, train, augment, bs).plain.cpu()
+    feats = eval_feats.plain.cpu()
+    labels = evaluated.labels.cpu()
+    train_labels = train.labels.cpu()
     groups = p.data.groups()
-    acc = group_accuracy(per_class.tolist(), groups)
+    acc, counts = accuracy_by_group(logits, evaluated.labels, groups)
+    per_class = per_class_accuracy(counts)
     rundir.write_json(ACC_FILE, acc)
-    conf = (test_result.counts.double() / test_result.counts.sum(dim=1, keepdim=True).clamp_min(1)).numpy()
+    conf = (counts.double() / counts.sum(dim=1, keepdim=True).clamp_min(1)).numpy()
     rundir.save_npy(CONFMAT_FILE, conf)
-    fdr = {"train": fisher_discriminant_ratio(train_result.features, train.labels.cpu(), k),
-           "test": fisher_discriminant_ratio(test_result.features, test.labels.cpu(), k)}
+    fdr = {"train": fisher_discriminant_ratio(train_feats, train_labels, k),
+           split_name: fisher_discriminant_ratio(feats, labels, k)}
     rundir.write_json(FDR_FILE, fdr)
-    sparsity = {"train": float(hoyer_sparsity(train_result.features).mean()),
-                "test": float(hoyer_sparsity(test_result.features).mean())}
+    sparsity = {"train": float(hoyer_sparsity(train_feats).mean()),
+                split_name: float(hoyer_sparsity(feats).mean())}
     rundir.write_json(SPARSITY_FILE, sparsity)
-    weight_norm = p.model.classifier_weight().norm(dim=1).cpu()
-    feat_norm = test_result.features.norm(dim=1)
-    labels = test.labels.cpu()
-    rows = []
-    for c in range(k):
-        mask = labels == c
-        rows.append([c, p.data.class_names[c], p.data.class_counts[c], groups[c], float(per_class[c]),
-                     float(weight_norm[c]), float(feat_norm[mask].mean()) if mask.any() else float("nan")])
-    rundir.write_csv(PER_CLASS_FILE, ["class", "name", "n_train", "group", "test_acc", "weight_norm",
-                                      "test_feature_norm"], rows)
-    log.info("test accuracy: " + ", ".join(f"{g} {acc[g]:.4f}" for g in ("All",) + GROUPS))
-    log.info(f"FDR train {fdr['train']:.3f} test {fdr['test']:.3f}; "
-             f"Hoyer sparsity train {sparsity['train']:.3f} test {sparsity['test']:.3f}")
+    weight = model.classifier_weight().float().cpu()
+    rundir.save_npy(CLASSIFIER_WEIGHT_FILE, weight.numpy())
+    weight_norm = weight.norm(dim=1)
+
+    def own_class_cosine(h, y):
+        return F.cosine_similarity(h, weight[y.long()], dim=1)
+
+    columns = {
+        f"{split_name}_acc": per_class,
+        "weight_norm": weight_norm,
+        "train_feature_norm": class_mean(train_feats.norm(dim=1), train_labels, k),
+        f"{split_name}_feature_norm": class_mean(feats.norm(dim=1), labels, k),
+        "train_feature_weight_cos": class_mean(own_class_cosine(train_feats, train_labels), train_labels, k),
+        f"{split_name}_feature_weight_cos": class_mean(own_class_cosine(feats, labels), labels, k),
+    }
+    rows = [[c, p.data.class_names[c], p.data.class_counts[c], groups[c]]
+            + [float(v[c]) for v in columns.values()] for c in range(k)]
+    rundir.write_csv(PER_CLASS_FILE, ["class", "name", "n_train", "group"] + list(columns), rows)
+    if cfg.save_features:
+        rundir.save_npy("features_train.npy", train_feats.numpy())
+        rundir.save_npy("labels_train.npy", train_labels.numpy())
+        rundir.save_npy(f"features_{split_name}.npy", feats.numpy())
+        rundir.save_npy(f"labels_{split_name}.npy", labels.numpy())
+    tta = " (flip TTA)" if cfg.data.eval_hflip else ""
+    log.info(f"{split_name} accuracy{tta}: " + ", ".join(f"{g} {acc[g]:.4f}" for g in ("All",) + GROUPS))
+    log.info(f"FDR train {fdr['train']:.3f} {split_name} {fdr[split_name]:.3f}; "
+             f"Hoyer sparsity train {sparsity['train']:.3f} {split_name} {sparsity[split_name]:.3f}")
     for g in ("All",) + GROUPS:
-        writer.add_scalar(f"test/acc_{g}", acc[g], 0)
-    writer.add_scalar("test/FDR_train", fdr["train"], 0)
-    writer.add_scalar("test/FDR_test", fdr["test"], 0)
-    return acc
+        writer.add_scalar(f"{split_name}/acc_{g}", acc[g], 0)
+    writer.add_scalar(f"{split_name}/FDR_train", fdr["train"], 0)
+    writer.add_scalar(f"{split_name}/FDR_{split_name}", fdr[split_name], 0)
+    return {"acc": acc, "fdr": fdr}

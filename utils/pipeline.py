@@ -28,11 +28,14 @@ from utils.data import LTData, load_dataset
 from utils.evaluation import final_evaluation, log_fdr
 from utils.objective import (decayed_parameters, describe_parameters, init_classifier_bias,
                              make_objective, make_optimizer, norm_param, trained_parameters)
+from utils.plots import plot_run
+from utils.records import class_mean
 from utils.regularizers import MaxNorm, normalise_classifier
 from utils.rundir import (ARGS_FILE, BEST_LOG_FILE, BEST_PARAM_FILE, METRICS_FILE, TRACK_RECORDS_FILE,
                           TRAIN_LOG_FILE, RunDir)
 from utils.stage1 import (CLASSIFIER_PREFIX, Stage1Run, adapt_state_dict, apply_bn_weight_init, load_into,
                           read_stage1)
+from utils.tau_sweep import run_sweep
 from utils.batches import make_splits
 from models.small import SMALL_MODELS, small_model_options
 from utils.train import SplitTensors, TrainState, cosine_lr, evaluate, train_one_epoch
@@ -164,13 +167,18 @@ def run(cfg: Config, stage: str, exp_root: str | Path = "exp") -> Path:
             # Evaluation only: the adjusted model is what this run stands for.
             rundir.save_torch(BEST_PARAM_FILE, p.model.state_dict())
             rundir.write_csv(METRICS_FILE, ["epoch"], [])
+        if cfg.model.logit_adjustment_tau_sweep:
+            run_sweep(p, rundir, log, val, test, augment)
         val_acc = evaluate(p.model, val, augment, p.data.n_classes, cfg.data.eval_batch_size).class_avg_acc
         log.info(f"validation class-averaged accuracy of the final model: {val_acc:.4f}")
-        final = final_evaluation(p, rundir, writer, log, train, test, augment)
+        final = final_evaluation(p, rundir, writer, log, train, test, augment, val)
         if track is not None:
             rundir.save_torch(TRACK_RECORDS_FILE, track)
-        writer.add_hparams({"seed": cfg.seeds, "exp_name": cfg.exp_name},
-                           {f"hparam/acc_{k}": v for k, v in final.items()}, run_name=".")
+        plot_run(rundir.path, p.data.train_images, p.data.train_labels,
+                 p.stage1.path if p.stage1 is not None else None, writer)
+        writer.add_hparams({"seed": cfg.seeds, "exp_name": cfg.exp_name, "stage": p.stage},
+                           {**{f"hparam/acc_{k}": v for k, v in final["acc"].items()},
+                            **{f"hparam/FDR_{k}": v for k, v in final["fdr"].items()}}, run_name=".")
     finally:
         writer.close()
     log.info(f"finished in {time.perf_counter() - started:.1f} s")
@@ -217,7 +225,7 @@ def fit(p: Prepared, rundir: RunDir, writer, log: RunLog, train: SplitTensors, v
     rundir.save_torch(BEST_PARAM_FILE, model.state_dict())
     best_acc, best_epoch = 0.0, 0
     records: list[dict] = []
-    track = {"acc_train": [], "acc_val": [], "weight_norm": [], "correct": []}
+    track = {"acc_train": [], "acc_val": [], "weight_norm": [], "correct": [], "class_loss": []}
     total = o.total_epoch_num
     for epoch in range(1, total + 1):
         t0 = time.perf_counter()
@@ -246,6 +254,8 @@ def fit(p: Prepared, rundir: RunDir, writer, log: RunLog, train: SplitTensors, v
         track["acc_val"].append(val_acc)
         track["weight_norm"].append(weight_norm)
         track["correct"].append(out["correct"])
+        track["class_loss"].append(class_mean(out["sample_loss"], p.data.train_labels, p.data.n_classes))
+        writer.add_histogram("classifier/weight_norm_per_class", weight_norm, epoch)
         write_epoch(writer, record)
         if cfg.optim.fdr_every and (epoch - 1) % cfg.optim.fdr_every == 0:
             log_fdr(p, writer, train, val, augment, epoch)
@@ -261,6 +271,8 @@ def fit(p: Prepared, rundir: RunDir, writer, log: RunLog, train: SplitTensors, v
         "acc_val": torch.tensor(track["acc_val"]),
         "weight_norm": torch.stack(track["weight_norm"]),
         "correct": torch.stack(track["correct"]),
+        "class_loss": torch.stack(track["class_loss"]),  # E x K mean per-image CE of the training batches
+        "labels": p.data.train_labels.cpu(),
         "best_epoch": best_epoch,
     }
     return track_out

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from utils.augment import BatchAugment
@@ -113,6 +114,7 @@ def train_one_epoch(model: nn.Module, split: SplitTensors, state: TrainState, ep
     term_sums: dict[str, torch.Tensor] = {}
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct_mask = torch.zeros(n, dtype=torch.bool, device=device)
+    sample_loss = torch.full((n,), float("nan"), device=device)  # per-image CE, for per-class loss plots
     counts = torch.zeros(state.n_classes, state.n_classes, dtype=torch.long, device=device)
     seen = 0
     bar = None
@@ -140,6 +142,7 @@ def train_one_epoch(model: nn.Module, split: SplitTensors, state: TrainState, ep
                 term_sums[name] = term_sums.get(name, 0) + value.detach().double() * bs
             pred = logits.detach().argmax(dim=1)
             correct_mask[idx] = pred == y
+            sample_loss[idx] = F.cross_entropy(logits.detach().float(), y, reduction="none")
             counts += confusion_counts(pred, y, state.n_classes)
         if bar is not None and not bar.disable:
             bar.update(1)
@@ -155,4 +158,4 @@ def train_one_epoch(model: nn.Module, split: SplitTensors, state: TrainState, ep
     record["train_acc_cls"] = class_averaged_accuracy(counts.cpu())
     if not math.isfinite(record["train_loss"]):
         raise FloatingPointError(f"training loss became {record['train_loss']} in epoch {epoch}")
-    return {"record": record, "correct": correct_mask.cpu()}
+    return {"record": record, "correct": correct_mask.cpu(), "sample_loss": sample_loss.cpu()}
