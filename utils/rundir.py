@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
@@ -30,22 +31,37 @@ BEST_LOG_FILE = "note_bestModel.log"
 METRICS_FILE = "metrics.csv"
 PER_CLASS_FILE = "per_class.csv"
 TRACK_RECORDS_FILE = "trackRecords.ckpt"
+CHECKPOINT_FILE = "checkpoint.ckpt"
+
+# mkstemp creates files readable by the owner only; run files get the usual umask permissions.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename it over ``path``.
+
+    A full disk or a killed process leaves the previous version of ``path`` intact.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+    except BaseException as exc:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        if isinstance(exc, OSError):
+            raise RunDirError(f"cannot write {path}: {exc.strerror or exc} (its previous version, if any, "
+                              "is kept; free space or fix permissions, then rerun with --resume)") from None
         raise
 
 
@@ -66,13 +82,19 @@ class RunDir:
     def create(cls, exp_root: Path, relative: Path) -> "RunDir":
         """Make exp_root/relative (checked to stay inside exp_root) and check it is writable."""
         path = safe_join(Path(exp_root), Path(relative))
+        created = [p for p in [path, *path.parents] if not p.exists()]
         try:
             path.mkdir(parents=True, exist_ok=True)
             probe = path / ".write_probe"
             probe.write_bytes(b"")
             probe.unlink()
-        except OSError as exc:
-            raise RunDirError(f"cannot write to run directory {path}: {exc.strerror or exc}") from None
+        except (OSError, ValueError) as exc:
+            for folder in created:  # leave no partial run directory behind
+                try:
+                    folder.rmdir()
+                except OSError:
+                    pass
+            raise RunDirError(f"cannot write to run directory {path}: {getattr(exc, 'strerror', None) or exc}") from None
         return cls(path)
 
     def file(self, name: str) -> Path:
@@ -108,8 +130,11 @@ class RunDir:
 
     def append_line(self, name: str, line: str) -> None:
         # Logs grow line by line; a crash loses at most the line being written.
-        with open(self.file(name), "a", encoding="utf-8") as fh:
-            fh.write(line.rstrip("\n") + "\n")
+        try:
+            with open(self.file(name), "a", encoding="utf-8") as fh:
+                fh.write(line.rstrip("\n") + "\n")
+        except OSError as exc:
+            raise RunDirError(f"cannot write {self.file(name)}: {exc.strerror or exc}") from None
 
 
 def _fmt(value: Any) -> Any:
@@ -118,6 +143,30 @@ def _fmt(value: Any) -> Any:
     return value
 
 
-def load_state_dict(path: Path) -> dict:
-    """A plain state_dict saved with torch.save, loaded safely (weights only)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+UNSAFE_MESSAGE = ("it holds pickled objects other than tensors and plain containers, which could run code "
+                  "when loaded; it was not loaded (weights_only=True)")
+
+
+def load_state_dict(path: Path, mmap: bool = False) -> Any:
+    """A file saved with torch.save, loaded safely (weights only).
+
+    Errors are normalised so that callers can tell the two failures apart:
+    ``pickle.UnpicklingError`` for a file carrying objects that could run code
+    (refused, never executed), ``ValueError`` for anything unreadable (truncated,
+    empty, not a torch file).  ``OSError`` (missing, permissions) passes through.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        if "weights only" in str(exc).lower() or "weights_only" in str(exc):
+            raise pickle.UnpicklingError(UNSAFE_MESSAGE) from None
+        raise ValueError(f"not a torch checkpoint ({_first_line(exc)})") from None
+    except OSError:
+        raise
+    except Exception as exc:  # truncated zip, empty file, garbage bytes (KeyError, EOFError, RuntimeError...)
+        raise ValueError(f"not a complete torch checkpoint ({type(exc).__name__}: {_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
