@@ -361,7 +361,7 @@ class RunCheckpoint:
             rng={**rng_state(), "generators": {n: g.get_state() for n, g in self.generators.items()}},
             best_log=best_log.read_text(encoding="utf-8") if best_log.exists() else "",
             skipped_steps=self.guard.skipped_total if self.guard is not None else 0,
-            versions={"torch": torch.__version__, "python": sys.version.split()[0]},
+            versions={"torch": str(torch.__version__), "python": sys.version.split()[0]},
         )
         self.rundir.save_torch(CHECKPOINT_FILE, state)
         if self.pending_epoch is not None:
@@ -461,7 +461,7 @@ class NonFiniteGuard:
             return {k: torch.where(ok, v, torch.zeros_like(v)) for k, v in terms.items()}
         if self.sync_every == 1:
             if not bool(ok):
-                raise TrainingDiverged(self.owner._diverged_text(str(float(loss)), self.epoch, self.step))
+                raise TrainingDiverged(self.owner._diverged_text(str(float(loss.detach())), self.epoch, self.step))
             return terms
         step = torch.tensor(self.step, device=ok.device)
         if self._bad_step is None:
