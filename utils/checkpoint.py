@@ -40,7 +40,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from utils.errors import CheckpointError, RunDirError, RunInterrupted, Stage1Error, TrainingDiverged
+from utils.errors import CheckpointError, DataError, RunDirError, RunInterrupted, Stage1Error, TrainingDiverged
 from utils.rundir import (ACC_FILE, ARGS_FILE, BEST_LOG_FILE, BEST_PARAM_FILE, CHECKPOINT_FILE, RunDir,
                           load_state_dict, safe_join)
 
@@ -188,6 +188,20 @@ def _check_separate_from_stage1(cfg, stage: str, path: Path) -> None:
                           "writes into a stage-1 run: change exp_name or model.pretrained_path")
 
 
+# The dataset folders the loaders read under data.root (SPEC 4.1).
+_DATA_FOLDERS = {"Cifar10": "cifar-10-batches-py", "Cifar100": "cifar-100-python"}
+
+
+def check_data_root(cfg) -> None:
+    """data.root must be a folder; a dataset folder inside it must not lead outside it."""
+    root = Path(cfg.data.root)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"data.root = {cfg.data.root!r} is a file, not a folder; give the folder that holds the datasets")
+    folder = _DATA_FOLDERS.get(cfg.data.name)
+    if folder is not None and (root / folder).exists():
+        safe_join(root, Path(folder), "dataset folder", DataError)
+
+
 def plan_run(cfg, stage: str, exp_root, resume: bool, overwrite: bool) -> RunPlan:
     """Decide, before anything is written, what this run does with its directory."""
     if resume and overwrite:
@@ -195,6 +209,7 @@ def plan_run(cfg, stage: str, exp_root, resume: bool, overwrite: bool) -> RunPla
     exp_root = Path(exp_root)
     path = safe_join(exp_root, cfg.run_subdir())
     _check_writable(path, exp_root)
+    check_data_root(cfg)
     _check_separate_from_stage1(cfg, stage, path)
     if not _has_run(path):
         note = f"nothing to resume in {path}; starting from epoch 1" if resume else ""

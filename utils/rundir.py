@@ -11,7 +11,9 @@ import io
 import json
 import os
 import pickle
+import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -65,12 +67,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def safe_join(root: Path, relative: Path) -> Path:
-    """root/relative, refusing anything that resolves outside root."""
+def safe_join(root: Path, relative: Path, what: str = "run directory", error: type = RunDirError) -> Path:
+    """root/relative resolved (symbolic links and '..' followed), refusing anything outside root."""
     root_resolved = Path(root).resolve()
     target = (root_resolved / relative).resolve()
     if target != root_resolved and root_resolved not in target.parents:
-        raise RunDirError(f"run directory {relative} would escape {root}")
+        raise error(f"{what} {relative} would escape {root} (it resolves to {target})")
     return target
 
 
@@ -143,8 +145,9 @@ def _fmt(value: Any) -> Any:
     return value
 
 
-UNSAFE_MESSAGE = ("it holds pickled objects other than tensors and plain containers, which could run code "
-                  "when loaded; it was not loaded (weights_only=True)")
+def _unsafe_message(named: str = "") -> str:
+    return (f"it holds pickled objects other than tensors and plain containers{named}, which could run code "
+            "when loaded; it was not loaded (weights_only=True)")
 
 
 def load_state_dict(path: Path, mmap: bool = False) -> Any:
@@ -156,15 +159,25 @@ def load_state_dict(path: Path, mmap: bool = False) -> Any:
     empty, not a torch file).  ``OSError`` (missing, permissions) passes through.
     """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():  # torch's notes on old pickle protocols are not the user's concern
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower() or "weights_only" in str(exc):
-            raise pickle.UnpicklingError(UNSAFE_MESSAGE) from None
-        raise ValueError(f"not a torch checkpoint ({_first_line(exc)})") from None
+        # The weights-only unpickler refuses any global (class or function) it does not allow;
+        # anything else it trips on is a damaged file.
+        named = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if named or "global" in str(exc).lower():
+            raise pickle.UnpicklingError(_unsafe_message(f" (here {named.group(1)})" if named else "")) from None
+        raise ValueError(f"not a complete torch checkpoint ({_weights_only_reason(exc)})") from None
     except OSError:
         raise
     except Exception as exc:  # truncated zip, empty file, garbage bytes (KeyError, EOFError, RuntimeError...)
         raise ValueError(f"not a complete torch checkpoint ({type(exc).__name__}: {_first_line(exc)})") from None
+
+
+def _weights_only_reason(exc: BaseException) -> str:
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
+    return found.group(1).strip()[:200] if found else _first_line(exc)
 
 
 def _first_line(exc: BaseException) -> str:
