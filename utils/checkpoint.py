@@ -202,8 +202,12 @@ def check_data_root(cfg) -> None:
         safe_join(root, Path(folder), "dataset folder", DataError)
 
 
-def plan_run(cfg, stage: str, exp_root, resume: bool, overwrite: bool) -> RunPlan:
-    """Decide, before anything is written, what this run does with its directory."""
+def plan_run(cfg, stage: str, exp_root, resume: bool, overwrite: bool, check_only: bool = False) -> RunPlan:
+    """Decide, before anything is written, what this run does with its directory.
+
+    ``check_only``: memory-map the checkpoint instead of reading it (a pre-check
+    of every seed before any work; the weights are not used).
+    """
     if resume and overwrite:
         raise RunDirError("--resume and --overwrite exclude each other; give one")
     exp_root = Path(exp_root)
@@ -238,7 +242,7 @@ def plan_run(cfg, stage: str, exp_root, resume: bool, overwrite: bool) -> RunPla
             return RunPlan(path, "done", note=f"run directory {path} holds a finished run; nothing to do "
                                               "(--overwrite runs it again)")
         return RunPlan(path, "overwrite", note=f"no checkpoint in {path}; starting again from epoch 1")
-    ckpt = read_checkpoint(ckpt_file)
+    ckpt = read_checkpoint(ckpt_file, mmap=check_only)
     if ckpt.get("finished"):
         return RunPlan(path, "done", note=f"run directory {path} holds a finished run; nothing to do "
                                           "(--overwrite runs it again)")

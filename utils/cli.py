@@ -75,7 +75,7 @@ def main(stage: str, argv: Optional[Sequence[str]] = None) -> int:
         from utils.checkpoint import plan_run
         resume = args.resume or base.load_checkpoint
         for cfg in configs:  # every seed's directory is checked before any work starts
-            plan_run(cfg, stage, args.exp_root, resume, args.overwrite)
+            plan_run(cfg, stage, args.exp_root, resume, args.overwrite, check_only=True)
         from utils.pipeline import run
         for cfg in configs:
             run(cfg, stage, exp_root=args.exp_root, resume=resume, overwrite=args.overwrite)

@@ -493,6 +493,8 @@ def resolve(stage: str, json_path: Optional[str], overrides: dict) -> Config:
     if json_path:
         raw = load_json(json_path)
         source = str(json_path)
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{json_path}: the top level must be a JSON object {{...}}, not {type(raw).__name__}")
         if isinstance(raw, dict) and raw.get("project_name", stage) != stage:
             raise ConfigError(f"project_name = {raw.get('project_name')!r} in {json_path}, "
                               f"but this is the {stage} stage ({stage}.py)")
