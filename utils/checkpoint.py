@@ -217,7 +217,7 @@ def plan_run(cfg, stage: str, exp_root, resume: bool, overwrite: bool, check_onl
     _check_separate_from_stage1(cfg, stage, path)
     if not _has_run(path):
         note = f"nothing to resume in {path}; starting from epoch 1" if resume else ""
-        return RunPlan(path, "overwrite" if path.exists() and any(path.iterdir()) else "new", note=note)
+        return RunPlan(path, "new", note=note)
     if overwrite:
         return RunPlan(path, "overwrite", note=f"--overwrite: deleted the previous run in {path}")
     ckpt_file = path / CHECKPOINT_FILE
