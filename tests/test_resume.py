@@ -332,3 +332,47 @@ def test_deterministic_switch_and_bare_flag(in_tmp, write_json, monkeypatch):
     finally:
         apply_determinism(False)
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_checkpoint_every_and_a_crash_between_checkpoints(in_tmp, write_json, capsys, monkeypatch):
+    """checkpoint_every 2: a crash in epoch 3 resumes after epoch 2 (epoch 1 had no checkpoint)."""
+    import utils.pipeline as pipeline
+    real = pipeline.train_one_epoch
+
+    def crash_in_epoch_3(model, split, state, epoch, total, *args, **kwargs):
+        if epoch == 3:
+            raise SystemExit("simulated crash")
+        return real(model, split, state, epoch, total, *args, **kwargs)
+    monkeypatch.setattr(pipeline, "train_one_epoch", crash_in_epoch_3)
+    cfg = write_json("cfg.json", _config(total_epoch_num=3))
+    with pytest.raises(SystemExit):
+        main("first", ["--json_path", cfg, "--checkpoint_every", "2"])
+    run = in_tmp / "exp" / RUN
+    ckpt = read_checkpoint(run / "checkpoint.ckpt")
+    assert ckpt["epoch"] == 2 and len(ckpt["records"]) == 2
+    assert not list(run.glob(".best.epoch*")), "the best weights of epochs 1-2 were committed with the checkpoint"
+    best = torch.load(run / "best.paramOnly", weights_only=True)
+    if ckpt["best_epoch"] == 2:
+        assert all(torch.equal(best[k], ckpt["model"][k]) for k in best)
+    monkeypatch.setattr(pipeline, "train_one_epoch", real)
+    capsys.readouterr()
+    assert main("first", ["--json_path", cfg, "--checkpoint_every", "2", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "after epoch 2 of 3" in out and "epoch 3/3" in out and "epoch 2/3" not in out
+    assert len(list(csv.DictReader(open(run / "metrics.csv")))) == 3
+
+
+def test_pending_best_weights_are_promoted_or_discarded(tmp_path):
+    """A kill between a checkpoint and the rename of its best weights, or after a lost epoch."""
+    from utils.checkpoint import _settle_best
+    from utils.rundir import RunDir
+    rundir = RunDir(tmp_path)
+    (tmp_path / "best.paramOnly").write_text("epoch 2")
+    (tmp_path / ".best.epoch4.pending").write_text("epoch 4")   # written before checkpoint 5 (best epoch 4)
+    (tmp_path / ".best.epoch6.pending").write_text("epoch 6")   # from an epoch lost to the kill
+    _settle_best(rundir, {"epoch": 5, "best_epoch": 4})
+    assert (tmp_path / "best.paramOnly").read_text() == "epoch 4"
+    assert not list(tmp_path.glob(".best.*"))
+    (tmp_path / ".best.epoch6.pending").write_text("epoch 6")
+    _settle_best(rundir, {"epoch": 5, "best_epoch": 4})
+    assert (tmp_path / "best.paramOnly").read_text() == "epoch 4" and not list(tmp_path.glob(".best.*"))

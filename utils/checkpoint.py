@@ -50,8 +50,8 @@ PENDING_PREFIX = ".best.epoch"
 PENDING_SUFFIX = ".pending"
 
 # Keys a resumed run may change: they do not change what the run computes.
-RESUME_FREE_KEYS = frozenset({"load_checkpoint", "save_checkpoint", "description", "device", "deterministic",
-                              "optim.nonfinite"})
+RESUME_FREE_KEYS = frozenset({"load_checkpoint", "save_checkpoint", "checkpoint_every", "description", "device",
+                              "deterministic", "optim.nonfinite"})
 
 # Files whose presence marks a directory as holding a run (of this project or the original).
 _RUN_MARKERS = (CHECKPOINT_FILE, ARGS_FILE, BEST_PARAM_FILE, ACC_FILE)
@@ -285,10 +285,14 @@ def open_run(plan: RunPlan, exp_root, cfg) -> RunDir:
 
 
 def _settle_best(rundir: RunDir, ckpt: dict) -> None:
-    """Promote the pending best weights of the checkpoint's epoch; drop any later one."""
+    """Promote the pending best weights of the checkpoint's best epoch; drop any other.
+
+    A pending file of the checkpoint's best epoch was written before that checkpoint (a
+    later attempt only writes epochs after the checkpoint it resumed from).
+    """
     for pending in rundir.path.glob(f"{PENDING_PREFIX}*{PENDING_SUFFIX}"):
         epoch_text = pending.name[len(PENDING_PREFIX):-len(PENDING_SUFFIX)]
-        if epoch_text == str(ckpt["epoch"]) and ckpt["best_epoch"] == ckpt["epoch"]:
+        if epoch_text == str(ckpt["best_epoch"]):
             os.replace(pending, rundir.file(BEST_PARAM_FILE))
         else:
             pending.unlink()
@@ -365,10 +369,21 @@ class RunCheckpoint:
 
     def save_best(self, model, epoch: int) -> None:
         self.rundir.save_torch(f"{PENDING_PREFIX}{epoch}{PENDING_SUFFIX}", model.state_dict())
+        if self.pending_epoch is not None and self.pending_epoch != epoch:
+            self.rundir.file(f"{PENDING_PREFIX}{self.pending_epoch}{PENDING_SUFFIX}").unlink(missing_ok=True)
         self.pending_epoch = epoch
 
     def save(self, epoch: int, best_acc: float, best_epoch: int, records: list, track: dict) -> None:
-        """The checkpoint of a completed epoch; then commits its best weights; then honours Ctrl-C."""
+        """The checkpoint of a completed epoch (every ``checkpoint_every`` epochs, the last one, and
+        on Ctrl-C); then commits its best weights; then honours Ctrl-C."""
+        total = self.cfg.optim.total_epoch_num
+        stop = self.stopper is not None and self.stopper.requested
+        if self.guard is not None and self.guard.skipped_epoch and self.log is not None:
+            self.log.info(f"epoch {epoch}: skipped {self.guard.skipped_epoch} steps with a non-finite loss or "
+                          "gradient (optim.nonfinite = skip)")
+        if epoch % self.cfg.checkpoint_every and epoch < total and not stop:
+            self._epoch_started(epoch + 1)
+            return
         best_log = self.rundir.file(BEST_LOG_FILE)
         state = _marker(
             self.cfg, self.stage, finished=False,
@@ -388,11 +403,7 @@ class RunCheckpoint:
                        self.rundir.file(BEST_PARAM_FILE))
             self.pending_epoch = None
         self.saved_epoch, self.best_epoch = epoch, int(best_epoch)
-        if self.guard is not None and self.guard.skipped_epoch and self.log is not None:
-            self.log.info(f"epoch {epoch}: skipped {self.guard.skipped_epoch} steps with a non-finite loss or "
-                          "gradient (optim.nonfinite = skip)")
-        total = self.cfg.optim.total_epoch_num
-        if self.stopper is not None and self.stopper.requested:
+        if stop:
             self.close()
             raise RunInterrupted(f"stopped after epoch {epoch} of {total}; checkpoint saved in "
                                  f"{self.rundir.file(CHECKPOINT_FILE)}", self.rundir.path)
@@ -419,7 +430,7 @@ class RunCheckpoint:
     def diverged(self, exc: BaseException) -> TrainingDiverged:
         """The error for a FloatingPointError raised by the training loop itself."""
         step = self.guard.first_bad_step() if self.guard is not None else None
-        epoch = self.saved_epoch + 1
+        epoch = self.guard.epoch if self.guard is not None else self.saved_epoch + 1
         return TrainingDiverged(self._diverged_text(str(exc).split(" in epoch")[0].replace(
             "training loss became ", ""), epoch, step))
 

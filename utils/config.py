@@ -142,6 +142,8 @@ class Config:
     save_checkpoint: bool = _f(False, "keep the full checkpoint.ckpt after the run finishes (it is written every "
                                       "epoch anyway; false shrinks it to a small marker at the end)")
     load_checkpoint: bool = _f(False, "resume from checkpoint.ckpt (same as --resume)")
+    checkpoint_every: int = _f(1, "write checkpoint.ckpt every N epochs (and at the last one and on Ctrl-C); "
+                                  "a crash then loses up to N-1 epochs", check="ge1")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     deterministic: bool = _f(False, "deterministic algorithms (repeatable CPU and CUDA runs; slower on CUDA)")
     data: DataConfig = field(default_factory=DataConfig)

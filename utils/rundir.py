@@ -45,12 +45,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
     A full disk or a killed process leaves the previous version of ``path`` intact.
     """
+    atomic_write(path, lambda fh: fh.write(data))
+
+
+def atomic_write(path: Path, write) -> None:
+    """``write(binary file)`` into a temporary file, fsync, then rename it over ``path``."""
     path = Path(path)
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)
@@ -111,9 +116,8 @@ class RunDir:
         return self.write_text(name, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
     def save_torch(self, name: str, obj: Any) -> Path:
-        buf = io.BytesIO()
-        torch.save(obj, buf)
-        atomic_write_bytes(self.file(name), buf.getvalue())
+        # streamed into the temporary file: a 170 MB checkpoint is not first built in memory
+        atomic_write(self.file(name), lambda fh: torch.save(obj, fh))
         return self.file(name)
 
     def save_npy(self, name: str, array: np.ndarray) -> Path:
