@@ -146,6 +146,13 @@ def _truncated_batch(tmp, _):
     return _cifar_cfg(tmp)
 
 
+def _exploit_batch(tmp, _):
+    folder = _write_cifar10(tmp / "data")
+    with open(folder / "data_batch_1", "wb") as fh:
+        pickle.dump({b"data": _Exploit(), b"labels": [0]}, fh)
+    return _cifar_cfg(tmp)
+
+
 def _bad_args(content):
     def setup(tmp, state):
         run = _stage1(tmp, state)
@@ -216,6 +223,8 @@ CASES = [
      "CIFAR-10 not found under data/cifar-10-batches-py (download=False)"),
     ("dataset file missing", "first", _missing_batch, "data_batch_3 is missing"),
     ("truncated CIFAR pickle", "first", _truncated_batch, "data_batch_2 is corrupt or truncated"),
+    ("CIFAR pickle that would run code", "first", _exploit_batch,
+     "data_batch_1 is corrupt or truncated (UnpicklingError: it names posix.system, which a dataset file"),
     # --- the output directory ---
     ("exp root is a file", "first", lambda t, _: ((t / "out").write_text("x"), _first(t) + ["--exp_root", "out"])[1],
      "is a file, not a folder (check --exp_root 'out')"),

@@ -179,6 +179,29 @@ def load_state_dict(path: Path, mmap: bool = False) -> Any:
         raise ValueError(f"not a complete torch checkpoint ({type(exc).__name__}: {_first_line(exc)})") from None
 
 
+# What the CIFAR python pickles need (official files and ones written by recent numpy):
+# numpy arrays, their dtypes, and bytes as Python 3 pickles them.  Nothing that runs code.
+DATASET_PICKLE_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+})
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in DATASET_PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which a dataset file never needs (it could run "
+                                     "code); refused without loading it")
+
+
+def restricted_pickle_load(fh, encoding: str = "ASCII") -> Any:
+    """pickle.load for data files: only numpy arrays and plain containers, never code."""
+    return _RestrictedUnpickler(fh, encoding=encoding).load()
+
+
 def _weights_only_reason(exc: BaseException) -> str:
     found = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
     return found.group(1).strip()[:200] if found else _first_line(exc)
