@@ -427,12 +427,11 @@ class RunCheckpoint:
         self.rundir.save_torch(CHECKPOINT_FILE, _marker(self.cfg, self.stage, finished=True,
                                                         epoch=self.cfg.optim.total_epoch_num))
 
-    def diverged(self, exc: BaseException) -> TrainingDiverged:
-        """The error for a FloatingPointError raised by the training loop itself."""
+    def diverged(self, exc: BaseException) -> str:
+        """The message for a FloatingPointError raised by the training loop itself."""
         step = self.guard.first_bad_step() if self.guard is not None else None
         epoch = self.guard.epoch if self.guard is not None else self.saved_epoch + 1
-        return TrainingDiverged(self._diverged_text(str(exc).split(" in epoch")[0].replace(
-            "training loss became ", ""), epoch, step))
+        return self._diverged_text(str(exc).split(" in epoch")[0].replace("training loss became ", ""), epoch, step)
 
     def _diverged_text(self, value: str, epoch: int, step: Optional[int]) -> str:
         where = f"epoch {epoch}, step {step}" if step else f"epoch {epoch}"
@@ -442,8 +441,13 @@ class RunCheckpoint:
                 "or set optim.nonfinite to skip to skip such steps, then rerun with --resume")
 
     def close(self) -> None:
+        """Restore the signal handlers.  Called from ``run``'s ``finally``: a FloatingPointError
+        raised by the training loop on its way out gets the epoch and step (``exc.diverged``)."""
         if self.stopper is not None:
             self.stopper.uninstall()
+        exc = sys.exc_info()[1]
+        if isinstance(exc, FloatingPointError) and not hasattr(exc, "diverged"):
+            exc.diverged = self.diverged(exc)
 
 
 # ---------------------------------------------------------------------------
@@ -468,6 +472,7 @@ class NonFiniteGuard:
         self.epoch, self.step = 1, 0
         self.skipped_epoch = self.skipped_total = 0
         self._bad_step: Optional[torch.Tensor] = None
+        self._step_t: Optional[torch.Tensor] = None
         self._last_ok: Optional[torch.Tensor] = None
         self._params: list = []
 
@@ -477,7 +482,7 @@ class NonFiniteGuard:
         state.optimizer = _GuardedOptimizer(state.optimizer, self)
 
     def start_epoch(self, epoch: int) -> None:
-        self.epoch, self.step, self.skipped_epoch, self._bad_step = epoch, 0, 0, None
+        self.epoch, self.step, self.skipped_epoch, self._bad_step, self._step_t = epoch, 0, 0, None, None
 
     def first_bad_step(self) -> Optional[int]:
         return int(self._bad_step) if self._bad_step is not None and int(self._bad_step) > 0 else None
@@ -493,10 +498,11 @@ class NonFiniteGuard:
             if not bool(ok):
                 raise TrainingDiverged(self.owner._diverged_text(str(float(loss.detach())), self.epoch, self.step))
             return terms
-        step = torch.tensor(self.step, device=ok.device)
-        if self._bad_step is None:
+        if self._bad_step is None:  # device counters: no host-to-device copy, no sync per step
             self._bad_step = torch.zeros((), dtype=torch.long, device=ok.device)
-        self._bad_step = torch.where((self._bad_step == 0) & ~ok, step, self._bad_step)
+            self._step_t = torch.zeros((), dtype=torch.long, device=ok.device)
+        self._step_t += 1
+        self._bad_step = torch.where((self._bad_step == 0) & ~ok, self._step_t, self._bad_step)
         if self.step % self.sync_every == 0 and int(self._bad_step) > 0:
             raise TrainingDiverged(self.owner._diverged_text("nan or inf", self.epoch, int(self._bad_step)))
         return terms

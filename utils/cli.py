@@ -82,8 +82,8 @@ def main(stage: str, argv: Optional[Sequence[str]] = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except TrainingDiverged as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (TrainingDiverged, FloatingPointError) as exc:
+        print(f"error: {getattr(exc, 'diverged', exc)}", file=sys.stderr)
         return 3
     except RunInterrupted as exc:
         from utils.checkpoint import resume_command

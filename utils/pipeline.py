@@ -167,12 +167,10 @@ def run(cfg: Config, stage: str, exp_root: str | Path = "exp", resume: Optional[
             rundir.save_torch(TRACK_RECORDS_FILE, track)
         writer.add_hparams({"seed": cfg.seeds, "exp_name": cfg.exp_name},
                            {f"hparam/acc_{k}": v for k, v in final.items()}, run_name=".")
-        ckpt.finish()
-    except FloatingPointError as exc:
-        raise ckpt.diverged(exc) from None
     finally:
-        ckpt.close()
+        ckpt.close()  # also names the epoch and step of a FloatingPointError on its way out
         writer.close()
+    ckpt.finish()
     log.info(f"finished in {time.perf_counter() - started:.1f} s")
     return rundir.path
 
@@ -220,8 +218,8 @@ def fit(p: Prepared, rundir: RunDir, writer, log: RunLog, train: SplitTensors, v
     best_acc, best_epoch = 0.0, 0
     records: list[dict] = []
     track = {"acc_train": [], "acc_val": [], "weight_norm": [], "correct": []}
-    first_epoch, best_acc, best_epoch = ckpt.restore(records, track, best_acc, best_epoch)
     total = o.total_epoch_num
+    first_epoch, best_acc, best_epoch = ckpt.restore(records, track, best_acc, best_epoch)
     for epoch in range(first_epoch, total + 1):
         t0 = time.perf_counter()
         lr = cosine_lr(o.base_lr, epoch, total)
