@@ -125,9 +125,9 @@ class OptimConfig:
     # --- keys of this project ---
     maxnorm_every: str = _f("epoch", "MaxNorm projection after every epoch (WB's code) or step", ("epoch", "step"))
     frozen_bn_mode: str = _f("train", "stage-2 retraining: frozen backbone BN in train mode (original) or eval", ("train", "eval"))
-    fdr_every: int = _f(5, "log train/val FDR to TensorBoard every N epochs (0 = never)", check="ge0")
     nonfinite: str = _f("stop", "a NaN/inf training loss: stop the run (keeping the last checkpoint) or skip the step",
                         ("stop", "skip"))
+    fdr_every: int = _f(5, "log train/val FDR to TensorBoard every N epochs (0 = never)", check="ge0")
 
 
 @dataclass
@@ -144,8 +144,8 @@ class Config:
     load_checkpoint: bool = _f(False, "resume from checkpoint.ckpt (same as --resume)")
     checkpoint_every: int = _f(1, "write checkpoint.ckpt every N epochs (and at the last one and on Ctrl-C); "
                                   "a crash then loses up to N-1 epochs", check="ge1")
-    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     deterministic: bool = _f(False, "deterministic algorithms (repeatable CPU and CUDA runs; slower on CUDA)")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
