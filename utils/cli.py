@@ -6,7 +6,7 @@ import sys
 import warnings
 from typing import Optional, Sequence
 
-from utils.errors import UserError
+from utils.errors import RunInterrupted, TrainingDiverged, UserError
 from utils.config import ConfigError, add_config_flags, overrides_from_flags, parse_bool, resolve
 
 DESCRIPTIONS = {
@@ -34,6 +34,12 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
                         help="random seed(s); several seeds run one after another (default: the JSON's, else 0)")
     parser.add_argument("--exp_root", default="exp", help="root folder of the run directories (default: exp)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an unfinished run from its checkpoint.ckpt (last completed epoch); "
+                             "a finished run is left as it is (same as --load_checkpoint true)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete an existing run directory and start again (without --resume or "
+                             "--overwrite an existing run is never touched)")
     if stage == "second":
         parser.add_argument("--retrain", nargs="?", const=True, default=False, type=_bool_flag, metavar="BOOL",
                             help="retrain the classifier (needs optim.total_epoch_num > 0); "
@@ -48,6 +54,7 @@ def _one_line_warning(message, category, filename, lineno, line=None):
 
 def main(stage: str, argv: Optional[Sequence[str]] = None) -> int:
     warnings.formatwarning = _one_line_warning
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(stage).parse_args(argv)
     try:
         overrides = overrides_from_flags(args)
@@ -65,13 +72,26 @@ def main(stage: str, argv: Optional[Sequence[str]] = None) -> int:
             if not base.model.is_pretrained:
                 raise ConfigError("model.is_pretrained = false; stage 2 starts from a stage-1 run "
                                   "(set it to true and point model.pretrained_path at the run)")
+        from utils.checkpoint import plan_run
+        resume = args.resume or base.load_checkpoint
+        for cfg in configs:  # every seed's directory is checked before any work starts
+            plan_run(cfg, stage, args.exp_root, resume, args.overwrite, check_only=True)
         from utils.pipeline import run
         for cfg in configs:
-            run(cfg, stage, exp_root=args.exp_root)
+            run(cfg, stage, exp_root=args.exp_root, resume=resume, overwrite=args.overwrite)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (TrainingDiverged, FloatingPointError) as exc:
+        print(f"error: {getattr(exc, 'diverged', exc)}", file=sys.stderr)
+        return 3
+    except RunInterrupted as exc:
+        from utils.checkpoint import resume_command
+        print(f"{exc}. Resume with: {resume_command(stage, argv)}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        from utils.checkpoint import resume_command
+        print(f"interrupted; the checkpoint of the last completed epoch is kept. Resume with: "
+              f"{resume_command(stage, argv)}", file=sys.stderr)
         return 130
     return 0

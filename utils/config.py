@@ -131,6 +131,8 @@ class OptimConfig:
     # --- keys of this project ---
     maxnorm_every: str = _f("epoch", "MaxNorm projection after every epoch (WB's code) or step", ("epoch", "step"))
     frozen_bn_mode: str = _f("train", "stage-2 retraining: frozen backbone BN in train mode (original) or eval", ("train", "eval"))
+    nonfinite: str = _f("stop", "a NaN/inf training loss: stop the run (keeping the last checkpoint) or skip the step",
+                        ("stop", "skip"))
     fdr_every: int = _f(5, "log train/val FDR to TensorBoard every N epochs (0 = never)", check="ge0")
 
 
@@ -138,13 +140,17 @@ class OptimConfig:
 class Config:
     exp_name: str = _f("naive", "experiment name (a folder under exp/.../<project_name>/)")
     project_name: str = _f("first", "stage", ("first", "second"))
-    seeds: int = _f(0, "random seed")
+    seeds: int = _f(0, "random seed", check="seed")
     description: str = _f("", "free text")
     save_features: bool = _f(False, "save penultimate features (.npy)")
     param_search: bool = _f(False, "evaluate on the validation set; run folder named by param_search_id")
     param_search_id: int = _f(0, "run folder name when param_search", check="ge0")
-    save_checkpoint: bool = _f(False, "save a resumable checkpoint every epoch")
-    load_checkpoint: bool = _f(False, "resume from checkpoint.ckpt")
+    save_checkpoint: bool = _f(False, "keep the full checkpoint.ckpt after the run finishes (it is written every "
+                                      "epoch anyway; false shrinks it to a small marker at the end)")
+    load_checkpoint: bool = _f(False, "resume from checkpoint.ckpt (same as --resume)")
+    checkpoint_every: int = _f(1, "write checkpoint.ckpt every N epochs (and at the last one and on Ctrl-C); "
+                                  "a crash then loses up to N-1 epochs", check="ge1")
+    deterministic: bool = _f(False, "deterministic algorithms (repeatable CPU and CUDA runs; slower on CUDA)")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -189,8 +195,6 @@ NOT_BUILT = {
     ("model", "dropout"): (0.0,),
     ("model", "use_bn"): (True,),
     ("model", "add_skip"): (False,),
-    ("", "save_checkpoint"): (False,),
-    ("", "load_checkpoint"): (False,),
 }
 
 
@@ -240,9 +244,13 @@ def _coerce(value: Any, tp, key: str) -> Any:
     if base is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} = {value!r} has the wrong type; expected a number")
-        if not math.isfinite(float(value)):
-            raise ConfigError(f"{key} = {value!r} must be a finite number")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{key} = {_short(value)} must be a finite number")
+        return number
     if base is str:
         if isinstance(value, str):
             return value
@@ -261,7 +269,13 @@ _RANGE_RULES = {
     "ge2": (lambda v: v >= 2, "must be >= 2"),
     "unit_open0": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
     "unit_closed": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    "seed": (lambda v: 0 <= v < 2 ** 32, "must be an integer in [0, 2**32 - 1]"),
 }
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:40] + "..." + text[-10:]
 
 
 def _check_field(section: str, f: dataclasses.Field, value: Any) -> None:
@@ -274,7 +288,7 @@ def _check_field(section: str, f: dataclasses.Field, value: Any) -> None:
     if rule is not None and value is not None:
         ok, text = _RANGE_RULES[rule]
         if not ok(value):
-            raise ConfigError(f"{key} = {value!r} {text}")
+            raise ConfigError(f"{key} = {_short(value)} {text}")
 
 
 def _build_section(cls, section: str, raw: dict, source: str):
@@ -352,6 +366,9 @@ def validate(cfg: Config) -> None:
     from utils.tau_sweep import check_sweep
     check_sweep(cfg)
     _check_exp_name(cfg.exp_name)
+    for key, value in (("data.root", cfg.data.root), ("model.pretrained_path", cfg.model.pretrained_path)):
+        if "\x00" in value:
+            raise ConfigError(f"{key} = {value!r} contains a NUL character; give a plain path")
     if cfg.project_name == "second" and cfg.model.is_pretrained and not cfg.model.pretrained_path:
         raise ConfigError("model.pretrained_path is empty; stage 2 needs the stage-1 run directory "
                           "(e.g. exp/Cifar100/ResNet34/first/<exp_name>)")
@@ -454,8 +471,8 @@ def _no_effect(message: str) -> None:
 
 
 def _check_exp_name(name: str) -> None:
-    bad = (not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name
-           or name.startswith("~"))
+    bad = (not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("~")
+           or any(ord(ch) < 32 or ord(ch) == 127 for ch in name) or len(name.encode("utf-8", "replace")) > 200)
     if bad:
         raise ConfigError(f"exp_name = {name!r} is not allowed; use a plain folder name "
                           "(no '/', '\\', '..'), it becomes a folder under exp/")
@@ -473,6 +490,8 @@ def load_json(path: str | Path) -> dict:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except (ValueError, RecursionError) as exc:  # a 5000-digit number, arrays nested thousands deep
+        raise ConfigError(f"{path}: unreadable JSON ({type(exc).__name__}: {str(exc)[:80]})") from None
 
 
 # ---------------------------------------------------------------------------
@@ -539,8 +558,9 @@ def add_config_flags(parser) -> None:
             help_text += f" {{{', '.join(map(str, choices))}}}"
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text += f" (default: {default})"
+        bare = {"nargs": "?", "const": "true"} if base is bool else {}  # --deterministic alone means true
         groups[section].add_argument(f"--{flag}", metavar=meta, default=argparse.SUPPRESS,
-                                     help=help_text.replace("%", "%%"))
+                                     help=help_text.replace("%", "%%"), **bare)
 
 
 def overrides_from_flags(namespace) -> dict:
@@ -564,6 +584,8 @@ def resolve(stage: str, json_path: Optional[str], overrides: dict) -> Config:
     if json_path:
         raw = load_json(json_path)
         source = str(json_path)
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{json_path}: the top level must be a JSON object {{...}}, not {type(raw).__name__}")
         if isinstance(raw, dict) and raw.get("project_name", stage) != stage:
             raise ConfigError(f"project_name = {raw.get('project_name')!r} in {json_path}, "
                               f"but this is the {stage} stage ({stage}.py)")
@@ -579,7 +601,7 @@ def resolve(stage: str, json_path: Optional[str], overrides: dict) -> Config:
 
 
 _RANGE_TEXT = {"ge0": "number >= 0", "gt0": "number > 0", "ge1": "integer >= 1", "ge2": "integer >= 2",
-               "unit_open0": "(0, 1]", "unit_closed": "[0, 1]"}
+               "unit_open0": "(0, 1]", "unit_closed": "[0, 1]", "seed": "integer in [0, 2**32 - 1]"}
 
 
 def field_table() -> list[tuple[str, str, str, str]]:

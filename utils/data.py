@@ -39,7 +39,6 @@ Every user-facing problem (missing or corrupt files, bad arguments) raises
 from __future__ import annotations
 
 import math
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -48,6 +47,7 @@ import numpy as np
 import torch
 
 from utils.errors import DataError
+from utils.rundir import restricted_pickle_load
 
 __all__ = [
     "DataError",
@@ -272,7 +272,7 @@ def _load_pickle(path: Path, spec: dict) -> dict:
         )
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+            obj = restricted_pickle_load(f, encoding="bytes")  # never runs code from the file
     except Exception as e:  # truncated / corrupt / not a pickle
         raise DataError(
             f"{path} is corrupt or truncated ({type(e).__name__}: {_one_line(e)}); replace it with the "

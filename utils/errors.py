@@ -22,3 +22,19 @@ class Stage1Error(UserError):
 
 class RunDirError(UserError):
     """The run directory cannot be used (escapes exp/, not writable...)."""
+
+
+class CheckpointError(UserError):
+    """checkpoint.ckpt cannot be used to resume (unsafe, truncated, another config...)."""
+
+
+class TrainingDiverged(Exception):
+    """The training loss became NaN or infinite (exit code 3; the last good checkpoint is kept)."""
+
+
+class RunInterrupted(Exception):
+    """Ctrl-C / SIGTERM stopped the run at a clean point after saving the checkpoint (exit code 130)."""
+
+    def __init__(self, message: str, run_dir=None):
+        super().__init__(message)
+        self.run_dir = run_dir

@@ -23,6 +23,7 @@ from torch import nn
 
 from models import build_model
 from utils.augment import BatchAugment
+from utils.checkpoint import RunCheckpoint, apply_determinism, open_run, plan_run
 from utils.config import Config, ConfigError
 from utils.data import LTData, load_dataset
 from utils.evaluation import final_evaluation, log_fdr
@@ -134,17 +135,27 @@ def prepare(cfg: Config, stage: str) -> Prepared:
     return Prepared(cfg, stage, device, data, model, stage1)
 
 
-def run(cfg: Config, stage: str, exp_root: str | Path = "exp") -> Path:
-    """Train and/or evaluate one seed; returns the run directory."""
+def run(cfg: Config, stage: str, exp_root: str | Path = "exp", resume: Optional[bool] = None,
+        overwrite: bool = False) -> Path:
+    """Train and/or evaluate one seed; returns the run directory.
+
+    An existing run directory is only touched with ``resume`` (default: the
+    config's ``load_checkpoint``) or ``overwrite`` (see utils/checkpoint.py).
+    """
     started = time.perf_counter()
+    plan = plan_run(cfg, stage, exp_root, cfg.load_checkpoint if resume is None else resume, overwrite)
+    if plan.action == "done":
+        print(plan.note, flush=True)
+        return plan.path
+    apply_determinism(cfg.deterministic)
     p = prepare(cfg, stage)
-    rundir = RunDir.create(Path(exp_root), cfg.run_subdir())
-    for stale in (TRAIN_LOG_FILE, BEST_LOG_FILE):
-        if rundir.file(stale).exists():
-            rundir.file(stale).unlink()  # a re-run starts its logs afresh
+    rundir = open_run(plan, exp_root, cfg)
     log = RunLog(rundir)
-    rundir.write_json(ARGS_FILE, cfg.to_dict())
+    ckpt = RunCheckpoint(rundir, cfg, stage, plan, log)
+    rundir.write_json(ARGS_FILE, {**cfg.to_dict(), "load_checkpoint": False})  # re-running it starts afresh
     log.info(f"run directory: {rundir.path}")
+    if plan.note:
+        log.info(plan.note)
     log.info(f"python {sys.version.split()[0]}, torch {torch.__version__}, device {p.device}")
     if p.stage1 is not None:
         log.info(f"loaded stage-1 weights from {p.stage1.path / BEST_PARAM_FILE}")
@@ -155,12 +166,12 @@ def run(cfg: Config, stage: str, exp_root: str | Path = "exp") -> Path:
         log.info(line)
 
     from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(log_dir=str(rundir.path))
+    writer = SummaryWriter(log_dir=str(rundir.path), purge_step=plan.first_epoch if ckpt.resuming else None)
     try:
         train, val, test, augment = make_splits(p.data, p.device, cfg.data.num_workers)
         track = None
         if cfg.optim.total_epoch_num > 0:
-            track = fit(p, rundir, writer, log, train, val, augment)
+            track = fit(p, rundir, writer, log, train, val, augment, ckpt)
             p.model.load_state_dict(torch.load(rundir.file(BEST_PARAM_FILE), map_location=p.device,
                                                weights_only=True))
         else:
@@ -180,13 +191,15 @@ def run(cfg: Config, stage: str, exp_root: str | Path = "exp") -> Path:
                            {**{f"hparam/acc_{k}": v for k, v in final["acc"].items()},
                             **{f"hparam/FDR_{k}": v for k, v in final["fdr"].items()}}, run_name=".")
     finally:
+        ckpt.close()  # also names the epoch and step of a FloatingPointError on its way out
         writer.close()
+    ckpt.finish()
     log.info(f"finished in {time.perf_counter() - started:.1f} s")
     return rundir.path
 
 
 def fit(p: Prepared, rundir: RunDir, writer, log: RunLog, train: SplitTensors, val: SplitTensors,
-        augment: BatchAugment):
+        augment: BatchAugment, ckpt: Optional[RunCheckpoint] = None):
     cfg, model, device = p.cfg, p.model, p.device
     o = cfg.optim
     named = trained_parameters(model, p.stage, cfg)
@@ -221,13 +234,18 @@ def fit(p: Prepared, rundir: RunDir, writer, log: RunLog, train: SplitTensors, v
                        after_step=project if (project and o.maxnorm_every == "step") else None,
                        set_train_mode=set_train_mode)
 
+    ckpt = ckpt or RunCheckpoint(rundir, cfg, p.stage, log=log)
+    ckpt.bind(model, optimizer, {"shuffle": shuffle_gen, "augment": aug_gen}, state, device)
+
     # The initial weights are saved first, so a run always has a best.
-    rundir.save_torch(BEST_PARAM_FILE, model.state_dict())
+    if not ckpt.resuming:
+        rundir.save_torch(BEST_PARAM_FILE, model.state_dict())
     best_acc, best_epoch = 0.0, 0
     records: list[dict] = []
     track = {"acc_train": [], "acc_val": [], "weight_norm": [], "correct": [], "class_loss": []}
     total = o.total_epoch_num
-    for epoch in range(1, total + 1):
+    first_epoch, best_acc, best_epoch = ckpt.restore(records, track, best_acc, best_epoch)
+    for epoch in range(first_epoch, total + 1):
         t0 = time.perf_counter()
         lr = cosine_lr(o.base_lr, epoch, total)
         for group in optimizer.param_groups:
@@ -242,7 +260,7 @@ def fit(p: Prepared, rundir: RunDir, writer, log: RunLog, train: SplitTensors, v
         improved = val_acc > best_acc
         if improved:
             best_acc, best_epoch = val_acc, epoch
-            rundir.save_torch(BEST_PARAM_FILE, model.state_dict())
+            ckpt.save_best(model, epoch)
             rundir.append_line(BEST_LOG_FILE,
                                f"The best model is achieved at epoch-{epoch}: loss{record['train_loss']:.5f}, "
                                f"acc-all:{record['train_acc']:.5f}, acc-avg-cls:{val_acc:.5f}.")
@@ -265,6 +283,7 @@ def fit(p: Prepared, rundir: RunDir, writer, log: RunLog, train: SplitTensors, v
         log.info(f"epoch {epoch}/{total} lr {lr:.5f} loss {record['train_loss']:.4f} ({terms}) "
                  f"train acc {record['train_acc']:.4f} val acc-avg-cls {val_acc:.4f}"
                  f"{' *best*' if improved else ''} [{record['seconds']:.1f}s]")
+        ckpt.save(epoch, best_acc, best_epoch, records, track)
     log.info(f"best epoch {best_epoch} with validation class-averaged accuracy {best_acc:.4f}")
     track_out = {
         "acc_train": torch.tensor(track["acc_train"]),

@@ -10,7 +10,10 @@ import csv
 import io
 import json
 import os
+import pickle
+import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -30,31 +33,51 @@ BEST_LOG_FILE = "note_bestModel.log"
 METRICS_FILE = "metrics.csv"
 PER_CLASS_FILE = "per_class.csv"
 TRACK_RECORDS_FILE = "trackRecords.ckpt"
+CHECKPOINT_FILE = "checkpoint.ckpt"
+
+# mkstemp creates files readable by the owner only; run files get the usual umask permissions.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename it over ``path``.
+
+    A full disk or a killed process leaves the previous version of ``path`` intact.
+    """
+    atomic_write(path, lambda fh: fh.write(data))
+
+
+def atomic_write(path: Path, write) -> None:
+    """``write(binary file)`` into a temporary file, fsync, then rename it over ``path``."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+    except BaseException as exc:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        if isinstance(exc, OSError):
+            raise RunDirError(f"cannot write {path}: {exc.strerror or exc} (its previous version, if any, "
+                              "is kept; free space or fix permissions, then rerun with --resume)") from None
         raise
 
 
-def safe_join(root: Path, relative: Path) -> Path:
-    """root/relative, refusing anything that resolves outside root."""
+def safe_join(root: Path, relative: Path, what: str = "run directory", error: type = RunDirError) -> Path:
+    """root/relative resolved (symbolic links and '..' followed), refusing anything outside root."""
     root_resolved = Path(root).resolve()
     target = (root_resolved / relative).resolve()
     if target != root_resolved and root_resolved not in target.parents:
-        raise RunDirError(f"run directory {relative} would escape {root}")
+        raise error(f"{what} {relative} would escape {root} (it resolves to {target})")
     return target
 
 
@@ -66,13 +89,19 @@ class RunDir:
     def create(cls, exp_root: Path, relative: Path) -> "RunDir":
         """Make exp_root/relative (checked to stay inside exp_root) and check it is writable."""
         path = safe_join(Path(exp_root), Path(relative))
+        created = [p for p in [path, *path.parents] if not p.exists()]
         try:
             path.mkdir(parents=True, exist_ok=True)
             probe = path / ".write_probe"
             probe.write_bytes(b"")
             probe.unlink()
-        except OSError as exc:
-            raise RunDirError(f"cannot write to run directory {path}: {exc.strerror or exc}") from None
+        except (OSError, ValueError) as exc:
+            for folder in created:  # leave no partial run directory behind
+                try:
+                    folder.rmdir()
+                except OSError:
+                    pass
+            raise RunDirError(f"cannot write to run directory {path}: {getattr(exc, 'strerror', None) or exc}") from None
         return cls(path)
 
     def file(self, name: str) -> Path:
@@ -87,9 +116,8 @@ class RunDir:
         return self.write_text(name, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
     def save_torch(self, name: str, obj: Any) -> Path:
-        buf = io.BytesIO()
-        torch.save(obj, buf)
-        atomic_write_bytes(self.file(name), buf.getvalue())
+        # streamed into the temporary file: a 170 MB checkpoint is not first built in memory
+        atomic_write(self.file(name), lambda fh: torch.save(obj, fh))
         return self.file(name)
 
     def save_npy(self, name: str, array: np.ndarray) -> Path:
@@ -108,8 +136,11 @@ class RunDir:
 
     def append_line(self, name: str, line: str) -> None:
         # Logs grow line by line; a crash loses at most the line being written.
-        with open(self.file(name), "a", encoding="utf-8") as fh:
-            fh.write(line.rstrip("\n") + "\n")
+        try:
+            with open(self.file(name), "a", encoding="utf-8") as fh:
+                fh.write(line.rstrip("\n") + "\n")
+        except OSError as exc:
+            raise RunDirError(f"cannot write {self.file(name)}: {exc.strerror or exc}") from None
 
 
 def _fmt(value: Any) -> Any:
@@ -118,6 +149,64 @@ def _fmt(value: Any) -> Any:
     return value
 
 
-def load_state_dict(path: Path) -> dict:
-    """A plain state_dict saved with torch.save, loaded safely (weights only)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+def _unsafe_message(named: str = "") -> str:
+    return (f"it holds pickled objects other than tensors and plain containers{named}, which could run code "
+            "when loaded; it was not loaded (weights_only=True)")
+
+
+def load_state_dict(path: Path, mmap: bool = False) -> Any:
+    """A file saved with torch.save, loaded safely (weights only).
+
+    Errors are normalised so that callers can tell the two failures apart:
+    ``pickle.UnpicklingError`` for a file carrying objects that could run code
+    (refused, never executed), ``ValueError`` for anything unreadable (truncated,
+    empty, not a torch file).  ``OSError`` (missing, permissions) passes through.
+    """
+    try:
+        with warnings.catch_warnings():  # torch's notes on old pickle protocols are not the user's concern
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        # The weights-only unpickler refuses any global (class or function) it does not allow;
+        # anything else it trips on is a damaged file.
+        named = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if named or "global" in str(exc).lower():
+            raise pickle.UnpicklingError(_unsafe_message(f" (here {named.group(1)})" if named else "")) from None
+        raise ValueError(f"not a complete torch checkpoint ({_weights_only_reason(exc)})") from None
+    except OSError:
+        raise
+    except Exception as exc:  # truncated zip, empty file, garbage bytes (KeyError, EOFError, RuntimeError...)
+        raise ValueError(f"not a complete torch checkpoint ({type(exc).__name__}: {_first_line(exc)})") from None
+
+
+# What the CIFAR python pickles need (official files and ones written by recent numpy):
+# numpy arrays, their dtypes, and bytes as Python 3 pickles them.  Nothing that runs code.
+DATASET_PICKLE_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+})
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in DATASET_PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which a dataset file never needs (it could run "
+                                     "code); refused without loading it")
+
+
+def restricted_pickle_load(fh, encoding: str = "ASCII") -> Any:
+    """pickle.load for data files: only numpy arrays and plain containers, never code."""
+    return _RestrictedUnpickler(fh, encoding=encoding).load()
+
+
+def _weights_only_reason(exc: BaseException) -> str:
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
+    return found.group(1).strip()[:200] if found else _first_line(exc)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__

@@ -1,0 +1,580 @@
+"""Runs that survive: resuming, refusing to clobber, stopping cleanly, reproducibility.
+
+What a run does with its directory (``plan_run``), decided before anything is written:
+
+- absent or empty: a new run;
+- holds a run and neither ``--resume`` nor ``--overwrite`` was given: refused, untouched;
+- ``--overwrite``: the directory is deleted and the run starts afresh (after every input
+  check has passed, so a typo never costs a finished run);
+- ``--resume`` (or the config key ``load_checkpoint: true``): an unfinished run continues
+  from the last completed epoch of ``checkpoint.ckpt``; a finished run is left as it is;
+  a directory without a usable checkpoint starts afresh.
+
+``checkpoint.ckpt`` is written atomically at the start of a run (a small marker), after
+every epoch (model, optimizer, schedule, epoch, best metric and epoch, the per-epoch
+records, every RNG state including each CUDA device's and the training generators, the
+config) and at the end (``finished``; kept in full with ``save_checkpoint: true``,
+otherwise shrunk to the small marker to spare the disk).  It is read back with
+``weights_only=True`` only.
+
+The best weights follow a small commit protocol so that ``best.paramOnly`` always belongs
+to the last checkpoint, whenever the process is killed: an improving epoch writes
+``.best.epochN.pending``; the epoch's checkpoint is written; then the pending file is
+renamed to ``best.paramOnly``.  On resume, a pending file of the checkpoint's epoch is
+promoted and any other is discarded.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import shlex
+import shutil
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from utils.errors import CheckpointError, DataError, RunDirError, RunInterrupted, Stage1Error, TrainingDiverged
+from utils.rundir import (ACC_FILE, ARGS_FILE, BEST_LOG_FILE, BEST_PARAM_FILE, CHECKPOINT_FILE, RunDir,
+                          load_state_dict, safe_join)
+
+FORMAT = "wb-longtail-checkpoint"
+VERSION = 1
+PENDING_PREFIX = ".best.epoch"
+PENDING_SUFFIX = ".pending"
+
+# Keys a resumed run may change: they do not change what the run computes.
+RESUME_FREE_KEYS = frozenset({"load_checkpoint", "save_checkpoint", "checkpoint_every", "description", "device",
+                              "deterministic", "optim.nonfinite"})
+
+# Files whose presence marks a directory as holding a run (of this project or the original).
+_RUN_MARKERS = (CHECKPOINT_FILE, ARGS_FILE, BEST_PARAM_FILE, ACC_FILE)
+
+
+# ---------------------------------------------------------------------------
+# Reproducibility
+# ---------------------------------------------------------------------------
+
+def apply_determinism(enabled: bool) -> None:
+    """``deterministic: true``: deterministic algorithms everywhere (CPU and CUDA).
+
+    Seeds are applied in every case (``seed_everything`` and the training
+    generators); this switch also removes the run-to-run variation of
+    non-deterministic kernels (cuDNN algorithm choice, atomics in CUDA
+    reductions).  cuBLAS needs ``CUBLAS_WORKSPACE_CONFIG`` set before its first
+    use, which is why this runs before the model reaches the device.
+    """
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.deterministic = enabled
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        # numpy's state holds an ndarray, which weights_only loading refuses: store a tensor.
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_tuples(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# ---------------------------------------------------------------------------
+# Reading checkpoint files
+# ---------------------------------------------------------------------------
+
+def read_checkpoint(path: Path, mmap: bool = False) -> dict:
+    """checkpoint.ckpt, loaded weights-only; any problem is a one-line CheckpointError."""
+    hint = "use --overwrite to start the run again"
+    try:
+        obj = load_state_dict(path, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path} was refused: {exc}; {hint} (or restore the file you trust)") from None
+    except (ValueError, OSError) as exc:
+        raise CheckpointError(f"{path} is unreadable or truncated ({exc}); {hint}") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a checkpoint of this project; {hint}")
+    if obj.get("version") != VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {obj.get('version')!r}, this code reads {VERSION}; {hint}")
+    return obj
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_difference(saved: dict, current: dict) -> Optional[str]:
+    """The first key (other than RESUME_FREE_KEYS) whose value differs, as a phrase."""
+    a, b = _flatten(saved), _flatten(current)
+    for key in sorted(set(a) | set(b)):
+        if key in RESUME_FREE_KEYS:
+            continue
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            return f"{key} = {a.get(key, '<absent>')!r} in the checkpoint but {b.get(key, '<absent>')!r} now"
+    return None
+
+
+# ---------------------------------------------------------------------------
+# What to do with the run directory
+# ---------------------------------------------------------------------------
+
+@dataclass
+class RunPlan:
+    path: Path                    # the run directory (absolute)
+    action: str                   # "new" | "overwrite" | "resume" | "done"
+    checkpoint: Optional[dict] = None   # the loaded checkpoint when resuming
+    note: str = ""                # what the run says about it
+
+    @property
+    def first_epoch(self) -> int:
+        return int(self.checkpoint["epoch"]) + 1 if self.checkpoint is not None else 1
+
+
+def _has_run(path: Path) -> bool:
+    return path.is_dir() and any((path / name).exists() for name in _RUN_MARKERS)
+
+
+def _check_writable(path: Path, exp_root: Path) -> None:
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RunDirError(f"cannot write the run directory {path}: {existing} is a file, not a folder "
+                          f"(check --exp_root {str(exp_root)!r})")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunDirError(f"cannot write the run directory {path}: no write permission in {existing}")
+
+
+def _check_separate_from_stage1(cfg, stage: str, path: Path) -> None:
+    if stage != "second" or not cfg.model.is_pretrained or not cfg.model.pretrained_path:
+        return
+    stage1 = (Path(cfg.model.pretrained_path) / str(cfg.seeds)).resolve()
+    if stage1 == path or stage1 in path.parents or path in stage1.parents:
+        raise Stage1Error(f"the stage-2 run directory {path} overlaps the stage-1 run {stage1}; stage 2 never "
+                          "writes into a stage-1 run: change exp_name or model.pretrained_path")
+
+
+# The dataset folders the loaders read under data.root (SPEC 4.1).
+_DATA_FOLDERS = {"Cifar10": "cifar-10-batches-py", "Cifar100": "cifar-100-python"}
+
+
+def check_data_root(cfg) -> None:
+    """data.root must be a folder; a dataset folder inside it must not lead outside it."""
+    root = Path(cfg.data.root)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"data.root = {cfg.data.root!r} is a file, not a folder; give the folder that holds the datasets")
+    folder = _DATA_FOLDERS.get(cfg.data.name)
+    if folder is not None and (root / folder).exists():
+        safe_join(root, Path(folder), "dataset folder", DataError)
+
+
+def plan_run(cfg, stage: str, exp_root, resume: bool, overwrite: bool, check_only: bool = False) -> RunPlan:
+    """Decide, before anything is written, what this run does with its directory.
+
+    ``check_only``: memory-map the checkpoint instead of reading it (a pre-check
+    of every seed before any work; the weights are not used).
+    """
+    if resume and overwrite:
+        raise RunDirError("--resume and --overwrite exclude each other; give one")
+    exp_root = Path(exp_root)
+    path = safe_join(exp_root, cfg.run_subdir())
+    _check_writable(path, exp_root)
+    check_data_root(cfg)
+    _check_separate_from_stage1(cfg, stage, path)
+    if not _has_run(path):
+        note = f"nothing to resume in {path}; starting from epoch 1" if resume else ""
+        return RunPlan(path, "new", note=note)
+    if overwrite:
+        return RunPlan(path, "overwrite", note=f"--overwrite: deleted the previous run in {path}")
+    ckpt_file = path / CHECKPOINT_FILE
+    if not resume:
+        if ckpt_file.is_file():
+            try:
+                ckpt = read_checkpoint(ckpt_file, mmap=True)
+            except CheckpointError:
+                ckpt = None
+            if ckpt is not None and ckpt.get("finished"):
+                raise RunDirError(_finished_message(path))
+            where = (f"last completed epoch {ckpt['epoch']} of {ckpt.get('total_epochs', '?')}"
+                     if ckpt is not None else "its checkpoint.ckpt is unreadable")
+        elif (path / ACC_FILE).is_file():
+            raise RunDirError(_finished_message(path))
+        else:
+            where = "no completed epoch"
+        raise RunDirError(f"run directory {path} holds an unfinished run ({where}) and was left untouched; "
+                          "add --resume to continue it or --overwrite to start it again")
+    if not ckpt_file.is_file():
+        if (path / ACC_FILE).is_file():
+            return RunPlan(path, "done", note=f"run directory {path} holds a finished run; nothing to do "
+                                              "(--overwrite runs it again)")
+        return RunPlan(path, "overwrite", note=f"no checkpoint in {path}; starting again from epoch 1")
+    ckpt = read_checkpoint(ckpt_file, mmap=check_only)
+    if ckpt.get("finished"):
+        return RunPlan(path, "done", note=f"run directory {path} holds a finished run; nothing to do "
+                                          "(--overwrite runs it again)")
+    if ckpt.get("stage") != stage:
+        raise CheckpointError(f"{ckpt_file} belongs to a {ckpt.get('stage')} run, not {stage}; use --overwrite")
+    diff = config_difference(ckpt["config"], cfg.to_dict())
+    if diff is not None:
+        raise CheckpointError(f"cannot resume {ckpt_file}: {diff}; resume with the run's own config "
+                              f"({path / ARGS_FILE}) or use --overwrite to start again")
+    if "model" not in ckpt:
+        return RunPlan(path, "overwrite", note=f"{path} stopped before its first epoch ended; starting again "
+                                                "from epoch 1")
+    return RunPlan(path, "resume", checkpoint=ckpt,
+                   note=f"resuming {path} after epoch {ckpt['epoch']} of {ckpt['total_epochs']} "
+                        f"(best epoch {ckpt['best_epoch']})")
+
+
+def _finished_message(path: Path) -> str:
+    return (f"run directory {path} already holds a finished run and was left untouched; add --overwrite to "
+            "run it again from scratch (--resume only continues unfinished runs)")
+
+
+def open_run(plan: RunPlan, exp_root, cfg) -> RunDir:
+    """Create (or reopen, when resuming) the run directory of a plan."""
+    if plan.action == "overwrite" and plan.path.exists():
+        safe_join(Path(exp_root), plan.path)  # never delete outside exp/
+        shutil.rmtree(plan.path)
+    if plan.action == "resume":
+        rundir = RunDir(plan.path)
+        _settle_best(rundir, plan.checkpoint)
+        best_log = plan.checkpoint.get("best_log", "")
+        if best_log:
+            rundir.write_text(BEST_LOG_FILE, best_log)
+        elif rundir.file(BEST_LOG_FILE).exists():
+            rundir.file(BEST_LOG_FILE).unlink()
+        return rundir
+    rundir = RunDir.create(Path(exp_root), cfg.run_subdir())
+    rundir.save_torch(CHECKPOINT_FILE, _marker(cfg, None, finished=False))
+    return rundir
+
+
+def _settle_best(rundir: RunDir, ckpt: dict) -> None:
+    """Promote the pending best weights of the checkpoint's best epoch; drop any other.
+
+    A pending file of the checkpoint's best epoch was written before that checkpoint (a
+    later attempt only writes epochs after the checkpoint it resumed from).
+    """
+    for pending in rundir.path.glob(f"{PENDING_PREFIX}*{PENDING_SUFFIX}"):
+        epoch_text = pending.name[len(PENDING_PREFIX):-len(PENDING_SUFFIX)]
+        if epoch_text == str(ckpt["best_epoch"]):
+            os.replace(pending, rundir.file(BEST_PARAM_FILE))
+        else:
+            pending.unlink()
+
+
+def _marker(cfg, stage: Optional[str], finished: bool, **extra) -> dict:
+    return {"format": FORMAT, "version": VERSION, "stage": stage or cfg.project_name, "finished": finished,
+            "epoch": 0, "total_epochs": cfg.optim.total_epoch_num, "config": cfg.to_dict(), **extra}
+
+
+def resume_command(stage: str, argv) -> str:
+    args = [a for a in argv if a not in ("--resume", "--overwrite")]
+    return shlex.join(["python", f"{stage}.py", *args, "--resume"])
+
+
+# ---------------------------------------------------------------------------
+# The checkpoint of a running fit
+# ---------------------------------------------------------------------------
+
+class RunCheckpoint:
+    """Saves and restores the state of ``fit`` at epoch boundaries.
+
+    ``fit`` calls: ``bind`` (once the optimizer and generators exist),
+    ``restore`` (returns the first epoch to train and the best so far),
+    ``save_best`` (instead of writing best.paramOnly directly) and ``save``
+    (end of every epoch).  ``run`` calls ``finish`` and ``close``.
+    """
+
+    def __init__(self, rundir: RunDir, cfg, stage: str, plan: Optional[RunPlan] = None, log=None):
+        self.rundir, self.cfg, self.stage, self.log = rundir, cfg, stage, log
+        self.loaded = plan.checkpoint if plan is not None else None
+        self.model = self.optimizer = None
+        self.generators: dict[str, torch.Generator] = {}
+        self.pending_epoch: Optional[int] = None
+        self.saved_epoch, self.best_epoch = 0, 0
+        self.guard: Optional[NonFiniteGuard] = None
+        self.stopper: Optional[GracefulStop] = None
+
+    @property
+    def resuming(self) -> bool:
+        return self.loaded is not None
+
+    def bind(self, model, optimizer, generators: dict, train_state=None, device=None) -> None:
+        self.model, self.optimizer, self.generators = model, optimizer, generators
+        if train_state is not None:
+            self.guard = NonFiniteGuard(self.cfg.optim.nonfinite, device or torch.device("cpu"), self)
+            self.guard.attach(train_state)
+        self.stopper = GracefulStop()
+        self.stopper.install()
+
+    def restore(self, records: list, track: dict, best_acc: float, best_epoch: int):
+        """(first epoch, best_acc, best_epoch); fills records and track in place when resuming."""
+        if self.loaded is None:
+            self._epoch_started(1)
+            return 1, best_acc, best_epoch
+        c = self.loaded
+        if set(c["track"]) != set(track):
+            raise CheckpointError(f"{self.rundir.file(CHECKPOINT_FILE)} was written by another version of this "
+                                  f"code (records {sorted(c['track'])}, expected {sorted(track)}); use --overwrite")
+        self.model.load_state_dict(c["model"])
+        self.optimizer.load_state_dict(c["optimizer"])
+        set_rng_state(c["rng"])
+        for name, gen in self.generators.items():
+            gen.set_state(c["rng"]["generators"][name])
+        records[:] = list(c["records"])
+        for key in track:
+            track[key][:] = list(c["track"][key])
+        self.saved_epoch, self.best_epoch = int(c["epoch"]), int(c["best_epoch"])
+        self.loaded = None  # free the memory: the model now holds the weights
+        self._epoch_started(self.saved_epoch + 1)
+        if self.saved_epoch >= self.cfg.optim.total_epoch_num:
+            self.close()  # only the final evaluation is left
+        return self.saved_epoch + 1, float(c["best_acc"]), self.best_epoch
+
+    def save_best(self, model, epoch: int) -> None:
+        self.rundir.save_torch(f"{PENDING_PREFIX}{epoch}{PENDING_SUFFIX}", model.state_dict())
+        if self.pending_epoch is not None and self.pending_epoch != epoch:
+            self.rundir.file(f"{PENDING_PREFIX}{self.pending_epoch}{PENDING_SUFFIX}").unlink(missing_ok=True)
+        self.pending_epoch = epoch
+
+    def save(self, epoch: int, best_acc: float, best_epoch: int, records: list, track: dict) -> None:
+        """The checkpoint of a completed epoch (every ``checkpoint_every`` epochs, the last one, and
+        on Ctrl-C); then commits its best weights; then honours Ctrl-C."""
+        total = self.cfg.optim.total_epoch_num
+        stop = self.stopper is not None and self.stopper.requested
+        if self.guard is not None and self.guard.skipped_epoch and self.log is not None:
+            self.log.info(f"epoch {epoch}: skipped {self.guard.skipped_epoch} steps with a non-finite loss or "
+                          "gradient (optim.nonfinite = skip)")
+        if epoch % self.cfg.checkpoint_every and epoch < total and not stop:
+            self._epoch_started(epoch + 1)
+            return
+        best_log = self.rundir.file(BEST_LOG_FILE)
+        state = _marker(
+            self.cfg, self.stage, finished=False,
+            epoch=epoch, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+            scheduler={"name": "cosine", "base_lr": self.cfg.optim.base_lr, "last_epoch": epoch,
+                       "total_epochs": self.cfg.optim.total_epoch_num},
+            best_acc=float(best_acc), best_epoch=int(best_epoch), records=list(records),
+            track={k: list(v) for k, v in track.items()},
+            rng={**rng_state(), "generators": {n: g.get_state() for n, g in self.generators.items()}},
+            best_log=best_log.read_text(encoding="utf-8") if best_log.exists() else "",
+            skipped_steps=self.guard.skipped_total if self.guard is not None else 0,
+            versions={"torch": str(torch.__version__), "python": sys.version.split()[0]},
+        )
+        self.rundir.save_torch(CHECKPOINT_FILE, state)
+        if self.pending_epoch is not None:
+            os.replace(self.rundir.file(f"{PENDING_PREFIX}{self.pending_epoch}{PENDING_SUFFIX}"),
+                       self.rundir.file(BEST_PARAM_FILE))
+            self.pending_epoch = None
+        self.saved_epoch, self.best_epoch = epoch, int(best_epoch)
+        if stop:
+            self.close()
+            raise RunInterrupted(f"stopped after epoch {epoch} of {total}; checkpoint saved in "
+                                 f"{self.rundir.file(CHECKPOINT_FILE)}", self.rundir.path)
+        if epoch >= total:
+            self.close()  # from here on, Ctrl-C stops at once; --resume redoes the final evaluation
+        self._epoch_started(epoch + 1)
+
+    def _epoch_started(self, epoch: int) -> None:
+        if self.guard is not None:
+            self.guard.start_epoch(epoch)
+
+    def finish(self) -> None:
+        """Mark the run finished: full checkpoint kept with save_checkpoint, else a small marker."""
+        path = self.rundir.file(CHECKPOINT_FILE)
+        if self.cfg.save_checkpoint and path.is_file():
+            state = read_checkpoint(path)
+            if "model" in state:
+                state["finished"] = True
+                self.rundir.save_torch(CHECKPOINT_FILE, state)
+                return
+        self.rundir.save_torch(CHECKPOINT_FILE, _marker(self.cfg, self.stage, finished=True,
+                                                        epoch=self.cfg.optim.total_epoch_num))
+
+    def diverged(self, exc: BaseException) -> str:
+        """The message for a FloatingPointError raised by the training loop itself."""
+        step = self.guard.first_bad_step() if self.guard is not None else None
+        epoch = self.guard.epoch if self.guard is not None else self.saved_epoch + 1
+        return self._diverged_text(str(exc).split(" in epoch")[0].replace("training loss became ", ""), epoch, step)
+
+    def _diverged_text(self, value: str, epoch: int, step: Optional[int]) -> str:
+        where = f"epoch {epoch}, step {step}" if step else f"epoch {epoch}"
+        kept = (f"the checkpoint of epoch {self.saved_epoch} and the best weights (epoch {self.best_epoch}) are "
+                f"kept in {self.rundir.path}") if self.saved_epoch else f"the initial weights are kept in {self.rundir.path}"
+        return (f"training loss became {value} at {where}; the run stopped and {kept}. Lower optim.base_lr, "
+                "or set optim.nonfinite to skip to skip such steps, then rerun with --resume")
+
+    def close(self) -> None:
+        """Restore the signal handlers.  Called from ``run``'s ``finally``: a FloatingPointError
+        raised by the training loop on its way out gets the epoch and step (``exc.diverged``)."""
+        if self.stopper is not None:
+            self.stopper.uninstall()
+        exc = sys.exc_info()[1]
+        if isinstance(exc, FloatingPointError) and not hasattr(exc, "diverged"):
+            exc.diverged = self.diverged(exc)
+
+
+# ---------------------------------------------------------------------------
+# Non-finite losses
+# ---------------------------------------------------------------------------
+
+class NonFiniteGuard:
+    """Watches every training step's loss without editing the training loop.
+
+    It wraps the objective (called once per step) and the optimizer of a
+    ``TrainState``.  ``stop``: the first non-finite loss raises TrainingDiverged
+    with its epoch and step, before the optimizer applies it; on CUDA the flag
+    stays on the device and is read every ``sync_every`` steps (and at the end
+    of the epoch), so the check costs no host synchronisation per step.
+    ``skip``: a step whose loss or gradients are not finite is not applied (its
+    loss counts as 0 in the epoch's mean); this reads a flag every step.
+    """
+
+    def __init__(self, mode: str, device: torch.device, owner: RunCheckpoint):
+        self.mode, self.owner = mode, owner
+        self.sync_every = 1 if device.type == "cpu" else 25
+        self.epoch, self.step = 1, 0
+        self.skipped_epoch = self.skipped_total = 0
+        self._bad_step: Optional[torch.Tensor] = None
+        self._step_t: Optional[torch.Tensor] = None
+        self._last_ok: Optional[torch.Tensor] = None
+        self._params: list = []
+
+    def attach(self, state) -> None:
+        self._params = [p for g in state.optimizer.param_groups for p in g["params"]]
+        state.objective = _GuardedObjective(state.objective, self)
+        state.optimizer = _GuardedOptimizer(state.optimizer, self)
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch, self.step, self.skipped_epoch, self._bad_step, self._step_t = epoch, 0, 0, None, None
+
+    def first_bad_step(self) -> Optional[int]:
+        return int(self._bad_step) if self._bad_step is not None and int(self._bad_step) > 0 else None
+
+    def check_terms(self, terms: dict) -> dict:
+        self.step += 1
+        loss = sum(terms.values())
+        ok = torch.isfinite(loss) if isinstance(loss, torch.Tensor) else torch.tensor(bool(np.isfinite(loss)))
+        if self.mode == "skip":
+            self._last_ok = ok
+            return {k: torch.where(ok, v, torch.zeros_like(v)) for k, v in terms.items()}
+        if self.sync_every == 1:
+            if not bool(ok):
+                raise TrainingDiverged(self.owner._diverged_text(str(float(loss.detach())), self.epoch, self.step))
+            return terms
+        if self._bad_step is None:  # device counters: no host-to-device copy, no sync per step
+            self._bad_step = torch.zeros((), dtype=torch.long, device=ok.device)
+            self._step_t = torch.zeros((), dtype=torch.long, device=ok.device)
+        self._step_t += 1
+        self._bad_step = torch.where((self._bad_step == 0) & ~ok, self._step_t, self._bad_step)
+        if self.step % self.sync_every == 0 and int(self._bad_step) > 0:
+            raise TrainingDiverged(self.owner._diverged_text("nan or inf", self.epoch, int(self._bad_step)))
+        return terms
+
+    def allow_step(self) -> bool:
+        if self.mode != "skip":
+            return True
+        ok = bool(self._last_ok) if self._last_ok is not None else True
+        if ok:
+            grads = [p.grad for p in self._params if p.grad is not None]
+            ok = not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        if not ok:
+            self.skipped_epoch += 1
+            self.skipped_total += 1
+        return ok
+
+
+class _GuardedObjective:
+    def __init__(self, inner: Callable, guard: NonFiniteGuard):
+        self._inner, self._guard = inner, guard
+
+    def __call__(self, *args, **kwargs):
+        return self._guard.check_terms(self._inner(*args, **kwargs))
+
+    def __getattr__(self, name):  # set_epoch() and whatever else the objective offers
+        return getattr(self._inner, name)
+
+
+class _GuardedOptimizer:
+    def __init__(self, inner, guard: NonFiniteGuard):
+        self._inner, self._guard = inner, guard
+
+    def step(self, *args, **kwargs):
+        if self._guard.allow_step():
+            return self._inner.step(*args, **kwargs)
+        return None
+
+    def __getattr__(self, name):  # zero_grad, param_groups, state_dict...
+        return getattr(self._inner, name)
+
+
+# ---------------------------------------------------------------------------
+# Ctrl-C and SIGTERM
+# ---------------------------------------------------------------------------
+
+class GracefulStop:
+    """First Ctrl-C (or SIGTERM, as clusters send before killing a job): finish the
+    current epoch, write its checkpoint, stop.  A second one stops at once (the
+    checkpoint of the last completed epoch stays)."""
+
+    SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s is not None)
+
+    def __init__(self):
+        self.requested = False
+        self._previous: dict = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            self.uninstall()
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupt: finishing this epoch and saving its checkpoint (press Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+
