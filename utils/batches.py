@@ -31,6 +31,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from utils.augment import BatchAugment, normalize
@@ -173,6 +174,7 @@ def train_one_epoch_batches(model: nn.Module, split, state: TrainState, epoch: i
     term_sums: dict[str, torch.Tensor] = {}
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct_mask = torch.zeros(n, dtype=torch.bool, device=device)
+    sample_loss = torch.full((n,), float("nan"), device=device)  # per-image CE, for per-class loss plots
     counts = torch.zeros(state.n_classes, state.n_classes, dtype=torch.long, device=device)
     seen = 0
     bar = _progress(show_progress, n_batches, f"epoch {epoch}/{total_epochs}")
@@ -194,6 +196,7 @@ def train_one_epoch_batches(model: nn.Module, split, state: TrainState, epoch: i
                 term_sums[name] = term_sums.get(name, 0) + value.detach().double() * bs
             pred = logits.detach().argmax(dim=1)
             correct_mask[idx] = pred == y
+            sample_loss[idx] = F.cross_entropy(logits.detach().float(), y, reduction="none")
             counts += confusion_counts(pred, y, state.n_classes)
         if bar is not None and not bar.disable:
             bar.update(1)
@@ -211,7 +214,7 @@ def train_one_epoch_batches(model: nn.Module, split, state: TrainState, epoch: i
     record["train_acc_cls"] = class_averaged_accuracy(counts.cpu())
     if not math.isfinite(record["train_loss"]):
         raise FloatingPointError(f"training loss became {record['train_loss']} in epoch {epoch}")
-    return {"record": record, "correct": correct_mask.cpu()}
+    return {"record": record, "correct": correct_mask.cpu(), "sample_loss": sample_loss.cpu()}
 
 
 def n_batches_of(n: int, batch_size: int) -> int:
