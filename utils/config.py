@@ -126,6 +126,8 @@ class OptimConfig:
     maxnorm_every: str = _f("epoch", "MaxNorm projection after every epoch (WB's code) or step", ("epoch", "step"))
     frozen_bn_mode: str = _f("train", "stage-2 retraining: frozen backbone BN in train mode (original) or eval", ("train", "eval"))
     fdr_every: int = _f(5, "log train/val FDR to TensorBoard every N epochs (0 = never)", check="ge0")
+    sgd_impl: str = _f("auto", "SGD implementation, same update (auto = fused on CUDA, torch's default on CPU)",
+                       ("auto", "fused", "foreach", "for-loop"))
 
 
 @dataclass
@@ -140,6 +142,14 @@ class Config:
     save_checkpoint: bool = _f(False, "save a resumable checkpoint every epoch")
     load_checkpoint: bool = _f(False, "resume from checkpoint.ckpt")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    # --- speed (README "Performance"); none changes what is computed beyond rounding ---
+    precision: str = _f("auto", "autocast dtype of forward passes (auto = bf16 on CUDA, fp32 on CPU)",
+                        ("auto", "fp32", "bf16"))
+    memory_format: str = _f("auto", "layout of images and conv weights (auto = channels_last on CUDA, contiguous on CPU)",
+                            ("auto", "channels_last", "contiguous"))
+    compile: str = _f("off", "torch.compile mode of the forward pass (off = eager)",
+                      ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+    num_threads: int = _f(0, "CPU threads (0 = OMP_NUM_THREADS if set, else the cores available)", check="ge0")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

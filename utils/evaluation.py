@@ -18,16 +18,16 @@ def log_fdr(p: Prepared, writer, train: SplitTensors, val: SplitTensors, augment
     k = p.data.n_classes
     bs = p.cfg.data.eval_batch_size
     for name, split in (("train", train), ("val", val)):
-        result = evaluate(p.model, split, augment, k, bs, want_features=True)
-        writer.add_scalar(f"FDR/{name}", fisher_discriminant_ratio(result.features, split.labels.cpu(), k), epoch)
+        result = evaluate(p.model, split, augment, k, bs, want_features=True, fast=p.fast, features_on_device=True)
+        writer.add_scalar(f"FDR/{name}", fisher_discriminant_ratio(result.features, split.labels, k), epoch)
 
 
 def final_evaluation(p: Prepared, rundir: RunDir, writer, log: RunLog, train: SplitTensors,
                      test: SplitTensors, augment: BatchAugment) -> dict:
     k = p.data.n_classes
     bs = p.cfg.data.eval_batch_size
-    test_result = evaluate(p.model, test, augment, k, bs, want_features=True)
-    train_result = evaluate(p.model, train, augment, k, bs, want_features=True)
+    test_result = evaluate(p.model, test, augment, k, bs, want_features=True, fast=p.fast)
+    train_result = evaluate(p.model, train, augment, k, bs, want_features=True, fast=p.fast)
     per_class = per_class_accuracy(test_result.counts)
     groups = p.data.groups()
     acc = group_accuracy(per_class.tolist(), groups)

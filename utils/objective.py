@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from utils.accel import sgd_kwargs
 from utils.config import Config
 from utils.losses import class_balanced_softmax, class_balanced_weights, cross_entropy
 from utils.regularizers import DEFAULT_NORM_PARAM, feature_penalty, weight_decay_penalty
@@ -52,4 +53,5 @@ def trained_parameters(model: nn.Module, stage: str) -> list[tuple[str, nn.Param
 
 
 def make_optimizer(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=cfg.optim.base_lr, momentum=cfg.optim.momentum)
+    return torch.optim.SGD(params, lr=cfg.optim.base_lr, momentum=cfg.optim.momentum,
+                           **sgd_kwargs(cfg.optim.sgd_impl, params[0].device))

@@ -4,7 +4,9 @@ The loop returns plain per-epoch records; writers (CSV, TensorBoard, logs)
 consume them.  Data lives on the training device as uint8 tensors; batches
 are sliced from a per-epoch permutation and augmented on the device.  Loss
 and accuracy are accumulated on the device and read once per epoch (plus
-every ``progress_every`` steps for the progress bar).
+every ``progress_every`` steps when a progress bar is shown): no training
+step waits for the device.  Forward passes run under a :class:`FastPath`
+(autocast dtype, memory layout, optional compiled forward).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from utils.accel import FastPath
 from utils.augment import BatchAugment
 from utils.metrics import class_averaged_accuracy, confusion_counts
 
@@ -45,7 +48,7 @@ class SplitTensors:
 class EvalResult:
     counts: torch.Tensor                      # K x K confusion counts (cpu)
     preds: torch.Tensor                       # N (cpu)
-    features: Optional[torch.Tensor] = None   # N x D float32 (cpu), when asked
+    features: Optional[torch.Tensor] = None   # N x D float32 (cpu, or the device), when asked
 
     @property
     def class_avg_acc(self) -> float:
@@ -54,22 +57,32 @@ class EvalResult:
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, split: SplitTensors, augment: BatchAugment, n_classes: int,
-             batch_size: int, want_features: bool = False) -> EvalResult:
-    """One pass in eval mode (BN running statistics, no augmentation)."""
+             batch_size: int, want_features: bool = False, fast: Optional[FastPath] = None,
+             features_on_device: bool = False) -> EvalResult:
+    """One pass in eval mode (BN running statistics, no augmentation).
+
+    ``features_on_device`` keeps the N x D features where they were computed
+    (for statistics such as the FDR that reduce them on the device).
+    """
+    fast = fast or FastPath(device_type=split.images.device.type)
     was_training = model.training
     model.eval()
     preds, feats = [], []
     for start in range(0, split.images.shape[0], batch_size):
         x = augment.eval(split.images[start:start + batch_size])
-        h = model.features(x)
-        logits = model.classify(h)
+        with fast.autocast():
+            h, logits = fast.forward(model, x)
         preds.append(logits.argmax(dim=1))
         if want_features:
             feats.append(h.float())
     model.train(was_training)
     pred = torch.cat(preds)
     counts = confusion_counts(pred, split.labels, n_classes).cpu()
-    features = torch.cat(feats).cpu() if want_features else None
+    features = None
+    if want_features:
+        features = torch.cat(feats)
+        if not features_on_device:
+            features = features.cpu()
     return EvalResult(counts=counts, preds=pred.cpu(), features=features)
 
 
@@ -86,12 +99,31 @@ class TrainState:
     after_step: Optional[Callable[[], None]] = None   # e.g. MaxNorm per step
     set_train_mode: Callable[[nn.Module], None] = field(default=lambda m: m.train())
     progress_every: int = 20
+    fast: FastPath = field(default_factory=FastPath)
 
 
-def batch_slices(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+def accumulate_confusion(counts: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor) -> None:
+    """counts[label, pred] += 1 in place, on the device.
+
+    Unlike ``torch.bincount`` (which on CUDA reads the maximum back to size its
+    output), a scatter-add into a preallocated K x K tensor never waits for the device.
+    """
+    k = counts.shape[0]
+    flat = labels.long() * k + preds.long()
+    counts.view(-1).scatter_add_(0, flat, torch.ones_like(flat))
+
+
+def batch_slices(n: int, batch_size: int, generator: torch.Generator,
+                 device: Optional[torch.device] = None) -> list[torch.Tensor]:
     """A fresh permutation cut into batches; a trailing batch of one sample
-    is dropped for the epoch (BatchNorm cannot train on a single sample)."""
+    is dropped for the epoch (BatchNorm cannot train on a single sample).
+
+    The permutation is drawn on the CPU generator (the same order on every
+    device) and copied to ``device`` once per epoch, not once per step.
+    """
     order = torch.randperm(n, generator=generator)
+    if device is not None:
+        order = order.to(device)
     batches = list(torch.split(order, batch_size))
     if len(batches) > 1 and batches[-1].numel() == 1:
         batches.pop()
@@ -99,11 +131,15 @@ def batch_slices(n: int, batch_size: int, generator: torch.Generator) -> list[to
 
 
 def train_one_epoch(model: nn.Module, split: SplitTensors, state: TrainState, epoch: int,
-                    total_epochs: int, show_progress: bool = True) -> dict:
+                    total_epochs: int, show_progress: bool = True, max_steps: Optional[int] = None) -> dict:
+    """One pass over the shuffled training set (``max_steps``: stop early; for benchmarks)."""
     state.set_train_mode(model)
     device = split.images.device
     n = split.images.shape[0]
-    batches = batch_slices(n, state.batch_size, state.shuffle_generator)
+    fast = state.fast
+    batches = batch_slices(n, state.batch_size, state.shuffle_generator, device)
+    if max_steps is not None:
+        batches = batches[:max_steps]
     term_sums: dict[str, torch.Tensor] = {}
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct_mask = torch.zeros(n, dtype=torch.bool, device=device)
@@ -114,13 +150,12 @@ def train_one_epoch(model: nn.Module, split: SplitTensors, state: TrainState, ep
         bar = tqdm(total=len(batches), desc=f"epoch {epoch}/{total_epochs}", leave=False,
                    disable=None, file=sys.stderr, dynamic_ncols=True)
     for step, idx in enumerate(batches, start=1):
-        idx = idx.to(device, non_blocking=True)
         x = state.augment(split.images[idx], state.augment_generator)
         y = split.labels[idx]
-        h = model.features(x)
-        logits = model.classify(h)
-        terms = state.objective(logits, y, h)
-        loss = sum(terms.values())
+        with fast.autocast():
+            h, logits = fast.forward(model, x)
+            terms = state.objective(logits, y, h)
+            loss = sum(terms.values())
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         state.optimizer.step()
@@ -134,7 +169,7 @@ def train_one_epoch(model: nn.Module, split: SplitTensors, state: TrainState, ep
                 term_sums[name] = term_sums.get(name, 0) + value.detach().double() * bs
             pred = logits.detach().argmax(dim=1)
             correct_mask[idx] = pred == y
-            counts += confusion_counts(pred, y, state.n_classes)
+            accumulate_confusion(counts, pred, y)
         if bar is not None and not bar.disable:
             bar.update(1)
             if step % state.progress_every == 0 or step == len(batches):  # the only host syncs
