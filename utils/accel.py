@@ -27,6 +27,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SGD_IMPLS = ("auto", "fused", "foreach", "for-loop")
+_CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def available_cores() -> int:
@@ -117,6 +118,9 @@ class FastPath:
         """
         x = self.layout(x)
         if self.forward_fn is not None:
+            if self.compile_mode in _CUDAGRAPH_MODES and self.device_type == "cuda":
+                # CUDA graphs reuse their output buffers: a new step starts here
+                torch.compiler.cudagraph_mark_step_begin()
             return self.forward_fn(x)
         h = model.features(x)
         return h, model.classify(h)

@@ -74,7 +74,7 @@ def evaluate(model: nn.Module, split: SplitTensors, augment: BatchAugment, n_cla
             h, logits = fast.forward(model, x)
         preds.append(logits.argmax(dim=1))
         if want_features:
-            feats.append(h.float())
+            feats.append(h.to(torch.float32, copy=True))  # a compiled forward may reuse h's buffer
     model.train(was_training)
     pred = torch.cat(preds)
     counts = confusion_counts(pred, split.labels, n_classes).cpu()
