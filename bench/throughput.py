@@ -16,8 +16,8 @@ accumulated on the device.  B = bench/naive.py (PIL per image in DataLoader
 workers, fp32, host syncs every step).  The two alternate A, B, A, B, ...
 (``--rounds``) so both see the same background load.
 
-Figures per pipeline: training images/s after ``--warmup`` steps (mean over
-rounds, min-max in brackets), evaluation images/s, seconds for one full epoch
+Figures per pipeline: training images/s after ``--warmup`` steps (median over
+rounds, min-max in brackets; medians resist a passing load spike), evaluation images/s, seconds for one full epoch
 (train pass + validation), peak memory (CUDA: max_memory_allocated; CPU: the
 proportional set size of the process plus its DataLoader workers, sampled
 every 50 ms), and the ratios A/B.  ``--epoch estimate`` (the CPU default, where
@@ -202,7 +202,10 @@ def measure_fast(v: Variant, args, data, device, n_val_eval) -> Measurement:
                            augment_generator=torch.Generator(device=device).manual_seed(args.seed + 1), fast=fast)
         t0 = time.perf_counter()
         train_one_epoch(model, train, state, 1, 1, show_progress=False, max_steps=args.warmup)
-        evaluate(model, val_part, augment, N_CLASSES, cfg.data.eval_batch_size, fast=fast)  # warm the eval path
+        warm_val = SplitTensors(val.images[:cfg.data.eval_batch_size], val.labels[:cfg.data.eval_batch_size])
+        evaluate(model, warm_val, augment, N_CLASSES, cfg.data.eval_batch_size, fast=fast)  # warm the eval path
+        if v.compile != "off" and n_val_eval % cfg.data.eval_batch_size:
+            evaluate(model, val_part, augment, N_CLASSES, cfg.data.eval_batch_size, fast=fast)  # the last shape too
         sync(device)
         warm_s = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -290,8 +293,8 @@ def _mib(n: int) -> str:
 def summarise(v: Variant) -> dict:
     r = v.results
     tr = [m.train_ips for m in r]
-    return {"train": statistics.mean(tr), "train_lo": min(tr), "train_hi": max(tr),
-            "eval": statistics.mean(m.eval_ips for m in r), "epoch": statistics.mean(m.epoch_s for m in r),
+    return {"train": statistics.median(tr), "train_lo": min(tr), "train_hi": max(tr),
+            "eval": statistics.median(m.eval_ips for m in r), "epoch": statistics.median(m.epoch_s for m in r),
             "peak": max(m.peak_bytes for m in r), "compile": max(m.compile_s for m in r)}
 
 
@@ -374,6 +377,8 @@ def main(argv=None) -> int:
     gpu = device.type == "cuda"
     args.steps = args.steps or (300 if gpu else 10)
     args.warmup = args.warmup if args.warmup is not None else (30 if gpu else 2)
+    if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
+        p.error("--warmup, --steps and --rounds must be >= 1 (the first step also starts B's workers)")
     args.eval_images = args.eval_images or (2000 if gpu else 512)
     args.epoch = args.epoch or ("measure" if gpu else "estimate")
     torch.set_num_threads(resolve_threads(args.threads))
