@@ -356,6 +356,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-batch-size", type=int, default=1024, help="pipeline A's evaluation batch")
     p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--memory-format", default="auto", choices=MEMORY_FORMATS, help="channels_last or contiguous")
+    p.add_argument("--channels-last", dest="memory_format", action="store_const", const="channels_last",
+                   help="same as --memory-format channels_last")
     p.add_argument("--compile", default="off", choices=COMPILE_MODES)
     p.add_argument("--sgd-impl", default="auto", choices=SGD_IMPLS)
     p.add_argument("--steps", type=int, default=None, help="timed training steps per round (cpu 10, cuda 300)")

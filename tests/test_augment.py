@@ -185,3 +185,31 @@ def test_training_call_distribution_recovered_from_images():
     for v in range(9):
         sel = dy == v
         assert _within(int(flip[sel].sum()), int(sel.sum()), 0.5)
+
+
+def test_same_images_as_torchvision_randomcrop_flip():
+    """torchvision's RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor + Normalize on PIL
+    images (what the published code runs) gives, image for image, BatchAugment.apply at the offsets
+    and flips read back from torchvision's output; and torchvision's offsets cover the same 0..8."""
+    from PIL import Image
+    from torchvision import transforms
+
+    n, h, w, p = 600, 32, 32, 4
+    mean, std = (0.1, 0.2, 0.3), (0.5, 0.6, 0.7)
+    rows = torch.arange(1, h + 1, dtype=torch.uint8).view(h, 1).expand(h, w)
+    cols = torch.arange(1, w + 1, dtype=torch.uint8).view(1, w).expand(h, w)
+    img = torch.stack([rows, cols, (rows * 3 + cols) % 251]).contiguous()  # C x H x W
+    pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+    tv = transforms.Compose([transforms.RandomCrop(32, padding=p), transforms.RandomHorizontalFlip(),
+                             transforms.ToTensor(), transforms.Normalize(mean, std)])
+    torch.manual_seed(0)
+    out = torch.stack([tv(pil) for _ in range(n)])
+    raw = (out * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)) * 255
+    raw = raw.round().long()
+    dy = raw[:, 0, 16, 16] - 1 + p - 16
+    flip = raw[:, 1, 16, 17] < raw[:, 1, 16, 16]
+    dx = raw[:, 1, 16, 16] - 1 + p - torch.where(flip, 15, 16)
+    aug = BatchAugment(mean, std, crop_padding=p, hflip=True, device="cpu")
+    ours = aug.apply(img.unsqueeze(0).expand(n, 3, h, w).contiguous(), dy, dx, flip)
+    assert torch.allclose(ours, out, atol=1e-5)
+    assert set(dy.tolist()) == set(dx.tolist()) == set(range(2 * p + 1)) and 0 < int(flip.sum()) < n
