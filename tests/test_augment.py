@@ -155,3 +155,61 @@ def test_cuda_matches_cpu():
     dy, dx, flip = aug.sample_params(128, torch.Generator(device="cuda").manual_seed(3))
     ref = _reference(BatchAugment(MEAN, STD, 4, True, "cpu"), x, dy.cpu(), dx.cpu(), flip.cpu())
     assert torch.allclose(out.cpu(), ref, atol=1e-6)
+
+
+def test_training_call_distribution_recovered_from_images():
+    """The images __call__ produces (the training path) are crops at offsets uniform on
+    0..8 and flips Bernoulli(1/2), independent: read the offset and flip back from each
+    output image, whose channels encode the source row and column (1..32, 0 = padding)."""
+    n, h, w, p = 9000, 32, 32, 4
+    aug = BatchAugment((0.0, 0.0), (1.0, 1.0), crop_padding=p, hflip=True, device="cpu")
+    rows = torch.arange(1, h + 1, dtype=torch.uint8).view(h, 1).expand(h, w)
+    cols = torch.arange(1, w + 1, dtype=torch.uint8).view(1, w).expand(h, w)
+    x = torch.stack([rows, cols]).unsqueeze(0).expand(n, 2, h, w).contiguous()
+    out = (aug(x, torch.Generator().manual_seed(21)) * 255).round().long()
+    # output row/col 16 always lies inside the image: padded index = offset + 16 (or 15 when flipped)
+    dy = out[:, 0, 16, 16] - 1 + p - 16
+    flip = out[:, 1, 16, 17] < out[:, 1, 16, 16]
+    dx = out[:, 1, 16, 16] - 1 + p - torch.where(flip, 15, 16)
+    assert int(dy.min()) == 0 and int(dy.max()) == 2 * p and int(dx.min()) == 0 and int(dx.max()) == 2 * p
+    # the recovered parameters reproduce every output image exactly
+    assert torch.equal(aug.apply(x, dy, dx, flip), out.float() / 255)
+    crit = 80 + 5 * math.sqrt(2 * 80)  # chi-square df = 80, mean + 5 sd
+    joint = torch.bincount(dy * 9 + dx, minlength=81).double()
+    assert ((joint - n / 81) ** 2 / (n / 81)).sum().item() < crit
+    for off in (dy, dx):
+        for cnt in torch.bincount(off, minlength=9).tolist():
+            assert _within(cnt, n, 1 / 9)
+    assert _within(int(flip.sum()), n, 0.5)
+    # flips independent of the offsets: flip rate within each dy value stays 1/2
+    for v in range(9):
+        sel = dy == v
+        assert _within(int(flip[sel].sum()), int(sel.sum()), 0.5)
+
+
+def test_same_images_as_torchvision_randomcrop_flip():
+    """torchvision's RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor + Normalize on PIL
+    images (what the published code runs) gives, image for image, BatchAugment.apply at the offsets
+    and flips read back from torchvision's output; and torchvision's offsets cover the same 0..8."""
+    from PIL import Image
+    from torchvision import transforms
+
+    n, h, w, p = 600, 32, 32, 4
+    mean, std = (0.1, 0.2, 0.3), (0.5, 0.6, 0.7)
+    rows = torch.arange(1, h + 1, dtype=torch.uint8).view(h, 1).expand(h, w)
+    cols = torch.arange(1, w + 1, dtype=torch.uint8).view(1, w).expand(h, w)
+    img = torch.stack([rows, cols, (rows * 3 + cols) % 251]).contiguous()  # C x H x W
+    pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+    tv = transforms.Compose([transforms.RandomCrop(32, padding=p), transforms.RandomHorizontalFlip(),
+                             transforms.ToTensor(), transforms.Normalize(mean, std)])
+    torch.manual_seed(0)
+    out = torch.stack([tv(pil) for _ in range(n)])
+    raw = (out * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)) * 255
+    raw = raw.round().long()
+    dy = raw[:, 0, 16, 16] - 1 + p - 16
+    flip = raw[:, 1, 16, 17] < raw[:, 1, 16, 16]
+    dx = raw[:, 1, 16, 16] - 1 + p - torch.where(flip, 15, 16)
+    aug = BatchAugment(mean, std, crop_padding=p, hflip=True, device="cpu")
+    ours = aug.apply(img.unsqueeze(0).expand(n, 3, h, w).contiguous(), dy, dx, flip)
+    assert torch.allclose(ours, out, atol=1e-5)
+    assert set(dy.tolist()) == set(dx.tolist()) == set(range(2 * p + 1)) and 0 < int(flip.sum()) < n

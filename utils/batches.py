@@ -19,28 +19,22 @@ Both offer the same small interface, the "batch split":
   on the fast path (a trailing batch of one sample is dropped);
 * ``eval_batches(batch_size)``: the split in order, without augmentation.
 
-``train_one_epoch`` and ``evaluate`` in utils/train.py hand any split that is not a
-``SplitTensors`` to :func:`train_one_epoch_batches` / :func:`evaluate_batches` here,
-which compute the same records from these batches.
+``train_one_epoch``, ``evaluate`` (utils/train.py) and the final evaluation take
+their batches from any split through ``utils.train.train_batches`` / ``eval_batches``,
+so every kind of data goes through the same training step and the same records.
 """
 from __future__ import annotations
 
-import math
-import sys
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
-from torch import nn
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from utils.augment import BatchAugment, normalize
 from utils.errors import DataError
-from utils.metrics import class_averaged_accuracy, confusion_counts
-from utils.train import EvalResult, SplitTensors, TrainState, batch_slices
+from utils.train import SplitTensors, batch_slices
 
-__all__ = ["FeatureSplit", "FileSplit", "ImageFiles", "make_splits", "train_one_epoch_batches",
-           "evaluate_batches"]
+__all__ = ["FeatureSplit", "FileSplit", "ImageFiles", "make_splits", "n_batches_of"]
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -161,62 +155,6 @@ def make_splits(data, device: torch.device, num_workers: int = 0):
             augment)
 
 
-def train_one_epoch_batches(model: nn.Module, split, state: TrainState, epoch: int, total_epochs: int,
-                            show_progress: bool = True) -> dict:
-    """utils.train.train_one_epoch for a batch split: the same step and the same record.
-
-    ``state.augment`` / ``state.augment_generator`` are not used (the split augments).
-    """
-    state.set_train_mode(model)
-    device = split.labels.device
-    n = len(split)
-    n_batches = n_batches_of(n, state.batch_size)
-    term_sums: dict[str, torch.Tensor] = {}
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct_mask = torch.zeros(n, dtype=torch.bool, device=device)
-    sample_loss = torch.full((n,), float("nan"), device=device)  # per-image CE, for per-class loss plots
-    counts = torch.zeros(state.n_classes, state.n_classes, dtype=torch.long, device=device)
-    seen = 0
-    bar = _progress(show_progress, n_batches, f"epoch {epoch}/{total_epochs}")
-    for step, (x, y, idx) in enumerate(split.epoch_batches(state.batch_size, state.shuffle_generator), start=1):
-        h = model.features(x)
-        logits = model.classify(h)
-        terms = state.objective(logits, y, h)
-        loss = sum(terms.values())
-        state.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        state.optimizer.step()
-        if state.after_step is not None:
-            state.after_step()
-        with torch.no_grad():
-            bs = y.shape[0]
-            seen += bs
-            loss_sum += loss.detach().double() * bs
-            for name, value in terms.items():
-                term_sums[name] = term_sums.get(name, 0) + value.detach().double() * bs
-            pred = logits.detach().argmax(dim=1)
-            correct_mask[idx] = pred == y
-            sample_loss[idx] = F.cross_entropy(logits.detach().float(), y, reduction="none")
-            counts += confusion_counts(pred, y, state.n_classes)
-        if bar is not None and not bar.disable:
-            bar.update(1)
-            if step % state.progress_every == 0 or step == n_batches:
-                bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}",
-                                acc=f"{float(counts.diagonal().sum()) / seen:.3f}")
-    if bar is not None:
-        bar.close()
-    if seen == 0:
-        raise DataError("the training split yielded no batch")
-    record = {"train_loss": float(loss_sum) / seen}
-    for name, value in term_sums.items():
-        record[f"train_{name}"] = float(value) / seen
-    record["train_acc"] = float(counts.diagonal().sum()) / seen
-    record["train_acc_cls"] = class_averaged_accuracy(counts.cpu())
-    if not math.isfinite(record["train_loss"]):
-        raise FloatingPointError(f"training loss became {record['train_loss']} in epoch {epoch}")
-    return {"record": record, "correct": correct_mask.cpu(), "sample_loss": sample_loss.cpu()}
-
-
 def n_batches_of(n: int, batch_size: int) -> int:
     """How many batches :func:`utils.train.batch_slices` gives for ``n`` samples."""
     full, rest = divmod(n, batch_size)
@@ -224,32 +162,3 @@ def n_batches_of(n: int, batch_size: int) -> int:
     if count > 1 and rest == 1:
         count -= 1  # the trailing single sample is dropped
     return count
-
-
-def _progress(show: bool, total: int, desc: str):
-    if not show:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return None
-    return tqdm(total=total, desc=desc, leave=False, disable=None, file=sys.stderr, dynamic_ncols=True)
-
-
-@torch.inference_mode()
-def evaluate_batches(model: nn.Module, split, n_classes: int, batch_size: int,
-                     want_features: bool = False) -> EvalResult:
-    """utils.train.evaluate for a batch split: eval mode, no augmentation, dataset order."""
-    was_training = model.training
-    model.eval()
-    preds, feats = [], []
-    for x, _, _ in split.eval_batches(batch_size):
-        h = model.features(x)
-        preds.append(model.classify(h).argmax(dim=1))
-        if want_features:
-            feats.append(h.float())
-    model.train(was_training)
-    pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=split.labels.device)
-    counts = confusion_counts(pred, split.labels, n_classes).cpu()
-    features: Optional[torch.Tensor] = torch.cat(feats).cpu() if want_features else None
-    return EvalResult(counts=counts, preds=pred.cpu(), features=features)

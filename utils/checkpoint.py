@@ -51,7 +51,10 @@ PENDING_SUFFIX = ".pending"
 
 # Keys a resumed run may change: they do not change what the run computes.
 RESUME_FREE_KEYS = frozenset({"load_checkpoint", "save_checkpoint", "checkpoint_every", "description", "device",
-                              "deterministic", "optim.nonfinite"})
+                              "deterministic", "optim.nonfinite",
+                              # how it runs, not what it computes (a resume may move to another machine)
+                              "precision", "memory_format", "compile", "num_threads", "optim.sgd_impl",
+                              "data.eval_batch_size", "data.num_workers"})
 
 # Files whose presence marks a directory as holding a run (of this project or the original).
 _RUN_MARKERS = (CHECKPOINT_FILE, ARGS_FILE, BEST_PARAM_FILE, ACC_FILE)

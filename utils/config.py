@@ -134,6 +134,8 @@ class OptimConfig:
     nonfinite: str = _f("stop", "a NaN/inf training loss: stop the run (keeping the last checkpoint) or skip the step",
                         ("stop", "skip"))
     fdr_every: int = _f(5, "log train/val FDR to TensorBoard every N epochs (0 = never)", check="ge0")
+    sgd_impl: str = _f("auto", "SGD implementation, same update (auto = fused on CUDA, torch's default on CPU)",
+                       ("auto", "fused", "foreach", "for-loop"))
 
 
 @dataclass
@@ -152,6 +154,14 @@ class Config:
                                   "a crash then loses up to N-1 epochs", check="ge1")
     deterministic: bool = _f(False, "deterministic algorithms (repeatable CPU and CUDA runs; slower on CUDA)")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    # --- speed (README "Performance"); none changes what is computed beyond rounding ---
+    precision: str = _f("auto", "autocast dtype of forward passes (auto = bf16 on CUDA, fp32 on CPU)",
+                        ("auto", "fp32", "bf16"))
+    memory_format: str = _f("auto", "layout of images and conv weights (auto = channels_last on CUDA, contiguous on CPU)",
+                            ("auto", "channels_last", "contiguous"))
+    compile: str = _f("off", "torch.compile mode of the forward pass (off = eager)",
+                      ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+    num_threads: int = _f(0, "CPU threads (0 = OMP_NUM_THREADS if set, else the cores available)", check="ge0")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -362,6 +372,8 @@ def validate(cfg: Config) -> None:
     if (cfg.data.name == "Helena") != (cfg.model.name == "TableMLP"):
         raise ConfigError(f"data.name = {cfg.data.name!r} with model.name = {cfg.model.name!r}: Helena is a feature "
                           "table and needs model.name TableMLP; TableMLP is for Helena only")
+    if cfg.data.eval_hflip and cfg.data.name == "Helena":
+        raise ConfigError("data.eval_hflip = true flips images; Helena is a feature table (set it to false)")
     _check_optim(cfg.optim)
     from utils.tau_sweep import check_sweep
     check_sweep(cfg)

@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from utils.accel import FastPath
 from utils.augment import BatchAugment
 from utils.metrics import (GROUPS, confusion_counts, fisher_discriminant_ratio, group_accuracy, hoyer_sparsity,
                            per_class_accuracy)
 from utils.records import class_mean
 from utils.rundir import ACC_FILE, CONFMAT_FILE, FDR_FILE, PER_CLASS_FILE, SPARSITY_FILE, RunDir
-from utils.train import SplitTensors, evaluate
+from utils.train import SplitTensors, eval_batches, evaluate
 
 if TYPE_CHECKING:  # pragma: no cover
     from utils.pipeline import Prepared, RunLog
@@ -33,8 +34,8 @@ def log_fdr(p: Prepared, writer, train: SplitTensors, val: SplitTensors, augment
     k = p.data.n_classes
     bs = p.cfg.data.eval_batch_size
     for name, split in (("train", train), ("val", val)):
-        result = evaluate(p.model, split, augment, k, bs, want_features=True)
-        writer.add_scalar(f"FDR/{name}", fisher_discriminant_ratio(result.features, split.labels.cpu(), k), epoch)
+        result = evaluate(p.model, split, augment, k, bs, want_features=True, fast=p.fast, features_on_device=True)
+        writer.add_scalar(f"FDR/{name}", fisher_discriminant_ratio(result.features, split.labels, k), epoch)
 
 
 @dataclass
@@ -46,16 +47,17 @@ class Features:
 
 
 @torch.inference_mode()
-def extract_features(model, split: SplitTensors, augment: BatchAugment, batch_size: int,
-                     hflip: bool = False) -> Features:
+def extract_features(model, split, augment: BatchAugment, batch_size: int, hflip: bool = False,
+                     fast: Optional[FastPath] = None) -> Features:
+    fast = fast or FastPath(device_type=split.labels.device.type)
     was_training = model.training
     model.eval()
     plain, flipped = [], []
-    for start in range(0, split.images.shape[0], batch_size):
-        x = augment.eval(split.images[start:start + batch_size])
-        plain.append(model.features(x).float())
-        if hflip:
-            flipped.append(model.features(x.flip(3)).float())
+    for x, _ in eval_batches(split, augment, batch_size):
+        with fast.autocast():
+            plain.append(model.features(fast.layout(x)).float())
+            if hflip:
+                flipped.append(model.features(fast.layout(x.flip(3))).float())
     model.train(was_training)
     return Features(torch.cat(plain), torch.cat(flipped) if hflip else None, split.labels)
 
@@ -86,9 +88,9 @@ def final_evaluation(p: Prepared, rundir: RunDir, writer, log: RunLog, train: Sp
     evaluated = val if use_val else test
     model = p.model
     model.eval()
-    eval_feats = extract_features(model, evaluated, augment, bs, hflip=cfg.data.eval_hflip)
+    eval_feats = extract_features(model, evaluated, augment, bs, hflip=cfg.data.eval_hflip, fast=p.fast)
     logits = logits_of(model.classify, eval_feats)
-    train_feats = extract_features(model, train, augment, bs).plain.cpu()
+    train_feats = extract_features(model, train, augment, bs, fast=p.fast).plain.cpu()
     feats = eval_feats.plain.cpu()
     labels = evaluated.labels.cpu()
     train_labels = train.labels.cpu()

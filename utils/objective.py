@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from utils.accel import sgd_kwargs
 from utils.config import Config
 from utils.losses import (class_balanced_focal, class_balanced_sigmoid, class_balanced_softmax,
                           class_balanced_weights, cross_entropy, dot_regression, nc_terms, sigmoid_bias_init)
@@ -242,4 +243,4 @@ def make_optimizer(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Optim
     o = cfg.optim
     if o.optimizer == "AdamW":
         return torch.optim.AdamW(params, lr=o.base_lr, weight_decay=o.weight_decay)
-    return torch.optim.SGD(params, lr=o.base_lr, momentum=o.momentum)
+    return torch.optim.SGD(params, lr=o.base_lr, momentum=o.momentum, **sgd_kwargs(o.sgd_impl, params[0].device))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from models import build_model
+from utils.accel import FastPath, make_fast_path, resolve_threads
 from utils.augment import BatchAugment
 from utils.checkpoint import RunCheckpoint, apply_determinism, open_run, plan_run
 from utils.config import Config, ConfigError
@@ -110,11 +111,13 @@ class Prepared:
     data: LTData
     model: nn.Module
     stage1: Optional[Stage1Run]
+    fast: FastPath = field(default_factory=FastPath)
 
 
 def prepare(cfg: Config, stage: str) -> Prepared:
     """Everything that can fail on bad input, before anything is written."""
     device = resolve_device(cfg.device)
+    torch.set_num_threads(resolve_threads(cfg.num_threads))
     seed_everything(cfg.seeds)
     stage1 = read_stage1(cfg) if (stage == "second" and cfg.model.is_pretrained) else None
     data = load_dataset(cfg.data.name, cfg.data.root, cfg.data.imb_type, cfg.data.imb_factor,
@@ -132,7 +135,8 @@ def prepare(cfg: Config, stage: str) -> Prepared:
     model.to(device)
     if cfg.optim.norm_type in ("L2", "tau"):
         normalise_classifier(model.classifier, cfg.optim.norm_type, norm_param(cfg))
-    return Prepared(cfg, stage, device, data, model, stage1)
+    fast = make_fast_path(model, device, cfg.precision, cfg.memory_format, cfg.compile)
+    return Prepared(cfg, stage, device, data, model, stage1, fast)
 
 
 def run(cfg: Config, stage: str, exp_root: str | Path = "exp", resume: Optional[bool] = None,
@@ -157,6 +161,7 @@ def run(cfg: Config, stage: str, exp_root: str | Path = "exp", resume: Optional[
     if plan.note:
         log.info(plan.note)
     log.info(f"python {sys.version.split()[0]}, torch {torch.__version__}, device {p.device}")
+    log.info(f"{p.fast.describe()}, {torch.get_num_threads()} CPU threads")
     if p.stage1 is not None:
         log.info(f"loaded stage-1 weights from {p.stage1.path / BEST_PARAM_FILE}")
         if p.stage1.skipped_keys:
@@ -180,7 +185,8 @@ def run(cfg: Config, stage: str, exp_root: str | Path = "exp", resume: Optional[
             rundir.write_csv(METRICS_FILE, ["epoch"], [])
         if cfg.model.logit_adjustment_tau_sweep:
             run_sweep(p, rundir, log, val, test, augment)
-        val_acc = evaluate(p.model, val, augment, p.data.n_classes, cfg.data.eval_batch_size).class_avg_acc
+        val_acc = evaluate(p.model, val, augment, p.data.n_classes, cfg.data.eval_batch_size,
+                           fast=p.fast).class_avg_acc
         log.info(f"validation class-averaged accuracy of the final model: {val_acc:.4f}")
         final = final_evaluation(p, rundir, writer, log, train, test, augment, val)
         if track is not None:
@@ -232,7 +238,7 @@ def fit(p: Prepared, rundir: RunDir, writer, log: RunLog, train: SplitTensors, v
                        batch_size=cfg.data.batch_size, n_classes=p.data.n_classes,
                        shuffle_generator=shuffle_gen, augment_generator=aug_gen,
                        after_step=project if (project and o.maxnorm_every == "step") else None,
-                       set_train_mode=set_train_mode)
+                       set_train_mode=set_train_mode, fast=p.fast)
 
     ckpt = ckpt or RunCheckpoint(rundir, cfg, p.stage, log=log)
     ckpt.bind(model, optimizer, {"shuffle": shuffle_gen, "augment": aug_gen}, state, device)
@@ -254,7 +260,7 @@ def fit(p: Prepared, rundir: RunDir, writer, log: RunLog, train: SplitTensors, v
         out = train_one_epoch(model, train, state, epoch, total)
         if project is not None and o.maxnorm_every == "epoch":
             project()
-        val_result = evaluate(model, val, augment, p.data.n_classes, cfg.data.eval_batch_size)
+        val_result = evaluate(model, val, augment, p.data.n_classes, cfg.data.eval_batch_size, fast=p.fast)
         val_acc = val_result.class_avg_acc
         record = {"epoch": epoch, "lr": lr, **out["record"], "val_acc": val_acc}
         improved = val_acc > best_acc

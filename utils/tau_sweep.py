@@ -104,9 +104,9 @@ def run_sweep(p: Prepared, rundir, log: RunLog, val, test, augment) -> dict:
     bs = cfg.data.eval_batch_size
     model = p.model
     model.eval()
-    splits = {"val": extract_features(model, val, augment, bs, hflip=cfg.data.eval_hflip)}
+    splits = {"val": extract_features(model, val, augment, bs, hflip=cfg.data.eval_hflip, fast=p.fast)}
     if not cfg.param_search:  # a parameter search never looks at the test set
-        splits["test"] = extract_features(model, test, augment, bs, hflip=cfg.data.eval_hflip)
+        splits["test"] = extract_features(model, test, augment, bs, hflip=cfg.data.eval_hflip, fast=p.fast)
     additive = cfg.model.use_additive_logit_adjustment
     rows = sweep_table(model, taus, p.data.class_counts, additive, splits, p.data.groups())
     header = list(rows[0].keys())

@@ -4,20 +4,25 @@ The loop returns plain per-epoch records; writers (CSV, TensorBoard, logs)
 consume them.  Data lives on the training device as uint8 tensors; batches
 are sliced from a per-epoch permutation and augmented on the device.  Loss
 and accuracy are accumulated on the device and read once per epoch (plus
-every ``progress_every`` steps for the progress bar).
+every ``progress_every`` steps when a progress bar is shown): no training
+step waits for the device.  Forward passes run under a :class:`FastPath`
+(autocast dtype, memory layout, optional compiled forward).
 """
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+import torch.nn.functional as F
 
+from utils.accel import FastPath
 from utils.augment import BatchAugment
+from utils.errors import DataError
 from utils.metrics import class_averaged_accuracy, confusion_counts
 
 try:
@@ -38,15 +43,48 @@ def cosine_lr(base_lr: float, epoch: int, total_epochs: int) -> float:
 
 @dataclass
 class SplitTensors:
+    """The fast path: uint8 images and labels resident on the training device."""
     images: torch.Tensor  # uint8 N x C x H x W on the device
     labels: torch.Tensor  # int64 N on the device
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+
+def train_batches(split, state: "TrainState", max_steps: Optional[int] = None):
+    """(number of batches, iterator of (x, y, dataset indices)) for one training epoch.
+
+    In-memory images are sliced from a fresh permutation and augmented on the
+    device; the other splits (feature tables, image files: utils/batches.py)
+    produce their batches themselves from the same shuffle generator.
+    """
+    if isinstance(split, SplitTensors):
+        batches = batch_slices(len(split), state.batch_size, state.shuffle_generator, split.labels.device)
+        batches = batches[:max_steps] if max_steps is not None else batches
+        return len(batches), ((state.augment(split.images[idx], state.augment_generator), split.labels[idx], idx)
+                              for idx in batches)
+    from utils.batches import n_batches_of
+    n = n_batches_of(len(split), state.batch_size)
+    if max_steps is not None:
+        n = min(n, max_steps)
+    return n, itertools.islice(split.epoch_batches(state.batch_size, state.shuffle_generator), n)
+
+
+def eval_batches(split, augment: BatchAugment, batch_size: int):
+    """(x, y) of the split in order, without augmentation."""
+    if isinstance(split, SplitTensors):
+        for start in range(0, len(split), batch_size):
+            yield augment.eval(split.images[start:start + batch_size]), split.labels[start:start + batch_size]
+    else:
+        for x, y, _ in split.eval_batches(batch_size):
+            yield x, y
 
 
 @dataclass
 class EvalResult:
     counts: torch.Tensor                      # K x K confusion counts (cpu)
     preds: torch.Tensor                       # N (cpu)
-    features: Optional[torch.Tensor] = None   # N x D float32 (cpu), when asked
+    features: Optional[torch.Tensor] = None   # N x D float32 (cpu, or the device), when asked
 
     @property
     def class_avg_acc(self) -> float:
@@ -54,26 +92,32 @@ class EvalResult:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, split: SplitTensors, augment: BatchAugment, n_classes: int,
-             batch_size: int, want_features: bool = False) -> EvalResult:
-    """One pass in eval mode (BN running statistics, no augmentation)."""
-    if not isinstance(split, SplitTensors):  # feature tables, image files: utils/batches.py
-        from utils.batches import evaluate_batches
-        return evaluate_batches(model, split, n_classes, batch_size, want_features)
+def evaluate(model: nn.Module, split, augment: BatchAugment, n_classes: int,
+             batch_size: int, want_features: bool = False, fast: Optional[FastPath] = None,
+             features_on_device: bool = False) -> EvalResult:
+    """One pass in eval mode (BN running statistics, no augmentation).
+
+    ``features_on_device`` keeps the N x D features where they were computed
+    (for statistics such as the FDR that reduce them on the device).
+    """
+    fast = fast or FastPath(device_type=split.labels.device.type)
     was_training = model.training
     model.eval()
     preds, feats = [], []
-    for start in range(0, split.images.shape[0], batch_size):
-        x = augment.eval(split.images[start:start + batch_size])
-        h = model.features(x)
-        logits = model.classify(h)
+    for x, _ in eval_batches(split, augment, batch_size):
+        with fast.autocast():
+            h, logits = fast.forward(model, x)
         preds.append(logits.argmax(dim=1))
         if want_features:
-            feats.append(h.float())
+            feats.append(h.to(torch.float32, copy=True))  # a compiled forward may reuse h's buffer
     model.train(was_training)
     pred = torch.cat(preds)
     counts = confusion_counts(pred, split.labels, n_classes).cpu()
-    features = torch.cat(feats).cpu() if want_features else None
+    features = None
+    if want_features:
+        features = torch.cat(feats)
+        if not features_on_device:
+            features = features.cpu()
     return EvalResult(counts=counts, preds=pred.cpu(), features=features)
 
 
@@ -90,27 +134,45 @@ class TrainState:
     after_step: Optional[Callable[[], None]] = None   # e.g. MaxNorm per step
     set_train_mode: Callable[[nn.Module], None] = field(default=lambda m: m.train())
     progress_every: int = 20
+    fast: FastPath = field(default_factory=FastPath)
 
 
-def batch_slices(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+def accumulate_confusion(counts: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor) -> None:
+    """counts[label, pred] += 1 in place, on the device.
+
+    Unlike ``torch.bincount`` (which on CUDA reads the maximum back to size its
+    output), a scatter-add into a preallocated K x K tensor never waits for the device.
+    """
+    k = counts.shape[0]
+    flat = labels.long() * k + preds.long()
+    counts.view(-1).scatter_add_(0, flat, torch.ones_like(flat))
+
+
+def batch_slices(n: int, batch_size: int, generator: torch.Generator,
+                 device: Optional[torch.device] = None) -> list[torch.Tensor]:
     """A fresh permutation cut into batches; a trailing batch of one sample
-    is dropped for the epoch (BatchNorm cannot train on a single sample)."""
+    is dropped for the epoch (BatchNorm cannot train on a single sample).
+
+    The permutation is drawn on the CPU generator (the same order on every
+    device) and copied to ``device`` once per epoch, not once per step.
+    """
     order = torch.randperm(n, generator=generator)
+    if device is not None:
+        order = order.to(device)
     batches = list(torch.split(order, batch_size))
     if len(batches) > 1 and batches[-1].numel() == 1:
         batches.pop()
     return batches
 
 
-def train_one_epoch(model: nn.Module, split: SplitTensors, state: TrainState, epoch: int,
-                    total_epochs: int, show_progress: bool = True) -> dict:
-    if not isinstance(split, SplitTensors):  # feature tables, image files: utils/batches.py
-        from utils.batches import train_one_epoch_batches
-        return train_one_epoch_batches(model, split, state, epoch, total_epochs, show_progress)
+def train_one_epoch(model: nn.Module, split, state: TrainState, epoch: int,
+                    total_epochs: int, show_progress: bool = True, max_steps: Optional[int] = None) -> dict:
+    """One pass over the shuffled training set (``max_steps``: stop early; for benchmarks)."""
     state.set_train_mode(model)
-    device = split.images.device
-    n = split.images.shape[0]
-    batches = batch_slices(n, state.batch_size, state.shuffle_generator)
+    device = split.labels.device
+    n = len(split)
+    fast = state.fast
+    n_batches, batches = train_batches(split, state, max_steps)
     term_sums: dict[str, torch.Tensor] = {}
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct_mask = torch.zeros(n, dtype=torch.bool, device=device)
@@ -119,16 +181,13 @@ def train_one_epoch(model: nn.Module, split: SplitTensors, state: TrainState, ep
     seen = 0
     bar = None
     if show_progress and tqdm is not None:
-        bar = tqdm(total=len(batches), desc=f"epoch {epoch}/{total_epochs}", leave=False,
+        bar = tqdm(total=n_batches, desc=f"epoch {epoch}/{total_epochs}", leave=False,
                    disable=None, file=sys.stderr, dynamic_ncols=True)
-    for step, idx in enumerate(batches, start=1):
-        idx = idx.to(device, non_blocking=True)
-        x = state.augment(split.images[idx], state.augment_generator)
-        y = split.labels[idx]
-        h = model.features(x)
-        logits = model.classify(h)
-        terms = state.objective(logits, y, h)
-        loss = sum(terms.values())
+    for step, (x, y, idx) in enumerate(batches, start=1):
+        with fast.autocast():
+            h, logits = fast.forward(model, x)
+            terms = state.objective(logits, y, h)
+            loss = sum(terms.values())
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         state.optimizer.step()
@@ -143,14 +202,16 @@ def train_one_epoch(model: nn.Module, split: SplitTensors, state: TrainState, ep
             pred = logits.detach().argmax(dim=1)
             correct_mask[idx] = pred == y
             sample_loss[idx] = F.cross_entropy(logits.detach().float(), y, reduction="none")
-            counts += confusion_counts(pred, y, state.n_classes)
+            accumulate_confusion(counts, pred, y)
         if bar is not None and not bar.disable:
             bar.update(1)
-            if step % state.progress_every == 0 or step == len(batches):  # the only host syncs
+            if step % state.progress_every == 0 or step == n_batches:  # the only host syncs
                 bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}",
                                 acc=f"{float(counts.diagonal().sum()) / seen:.3f}")
     if bar is not None:
         bar.close()
+    if seen == 0:
+        raise DataError("the training split yielded no batch")
     record = {"train_loss": float(loss_sum) / seen}
     for name, value in term_sums.items():
         record[f"train_{name}"] = float(value) / seen
