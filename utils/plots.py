@@ -428,7 +428,7 @@ def plot_run(run: Path, train_images: Optional[torch.Tensor] = None, train_label
             if "labels" in track:
                 scores = forgetting_scores(track["correct"]).numpy()
                 figures["forgetting"] = forgetting_figure(scores, track["labels"].numpy(), order, names, groups, epochs)
-    if train_images is not None and train_labels is not None:
+    if train_images is not None and train_labels is not None and train_images.dim() == 4:  # images, not a table
         figures["montage"] = montage_figure(train_images, train_labels, order, names)
     if stage1_run is not None and (Path(stage1_run) / PER_CLASS_FILE).is_file():
         df1 = pd.read_csv(Path(stage1_run) / PER_CLASS_FILE)
