@@ -91,10 +91,11 @@ def stage1_config(args, **overrides):
 
 def build(cfg, data, device, seed):
     torch.manual_seed(seed)
-    shape = SimpleNamespace(n_classes=N_CLASSES, train_images=data["train"].images, class_counts=data["counts"])
+    shape = SimpleNamespace(n_classes=N_CLASSES, train_images=data["train"].images, class_counts=data["counts"],
+                            in_channels=data["train"].images.shape[1])
     model = make_model(cfg, shape).to(device)
-    params = [p for _, p in trained_parameters(model, "first")]
-    objective = make_objective(cfg, data["counts"], params, device)
+    params = [p for _, p in trained_parameters(model, "first", cfg)]
+    objective = make_objective(cfg, data["counts"], params, device, classifier=model.classifier)
     return model, params, objective
 
 
