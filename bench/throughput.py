@@ -48,8 +48,9 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from bench.naive import NaiveTrainer, eval_transform, make_loader, train_transform  # noqa: E402
-from utils.accel import (COMPILE_MODES, MEMORY_FORMATS, PRECISIONS, SGD_IMPLS, FastPath, make_fast_path,  # noqa: E402
-                         resolve_channels_last, resolve_precision, resolve_threads, sgd_kwargs)
+from utils.accel import (COMPILE_MODES, MEMORY_FORMATS, PRECISIONS, SGD_IMPLS, FastPath, keep_freed_memory,  # noqa: E402
+                         make_fast_path, resolve_channels_last, resolve_eval_batch_size, resolve_precision,
+                         resolve_threads, sgd_kwargs)
 from utils.augment import BatchAugment  # noqa: E402
 from utils.config import from_dict, load_json  # noqa: E402
 from utils.data import long_tailed_counts  # noqa: E402
@@ -358,7 +359,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--model", default="ResNet34", help="ResNet34, ResNet18 or a comma-separated list")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--eval-batch-size", type=int, default=1024, help="pipeline A's evaluation batch")
+    p.add_argument("--eval-batch-size", type=int, default=0,
+                   help="pipeline A's evaluation batch (0 = the pipeline's auto: 1024 on CUDA, 64 on CPU)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--memory-format", default="auto", choices=MEMORY_FORMATS, help="channels_last or contiguous")
     p.add_argument("--channels-last", dest="memory_format", action="store_const", const="channels_last",
@@ -389,6 +391,9 @@ def main(argv=None) -> int:
     args.eval_images = args.eval_images or (2000 if gpu else 512)
     args.epoch = args.epoch or ("measure" if gpu else "estimate")
     torch.set_num_threads(resolve_threads(args.threads))
+    args.eval_batch_size = resolve_eval_batch_size(args.eval_batch_size, device)
+    if not gpu:
+        keep_freed_memory()  # as the pipeline does on CPU; process-wide, so B gets it too
     # B's 4 workers on a 2-core machine are what the published code does; the warning is expected
     warnings.filterwarnings("ignore", message="This DataLoader will create")
     if gpu:

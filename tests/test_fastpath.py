@@ -249,3 +249,11 @@ def test_stage1_run_with_bf16_channels_last_foreach(tmp_path, monkeypatch, write
     assert (args["precision"], args["memory_format"], args["optim"]["sgd_impl"]) == ("bf16", "channels_last", "foreach")
     assert np.isfinite(json.loads((run / "fdr.json").read_text())["train"])
     assert torch.get_num_threads() == 1
+
+
+def test_eval_batch_size_auto_and_the_cpu_allocator_setting():
+    from utils.accel import keep_freed_memory, resolve_eval_batch_size
+    assert resolve_eval_batch_size(0, torch.device("cpu")) == 64
+    assert resolve_eval_batch_size(0, torch.device("cuda")) == 1024
+    assert resolve_eval_batch_size(300, torch.device("cpu")) == 300
+    assert keep_freed_memory() is True  # glibc on Linux, where the tests run

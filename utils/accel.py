@@ -16,6 +16,7 @@ Performance section):
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -36,6 +37,31 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         return os.cpu_count() or 1
+
+
+def resolve_eval_batch_size(eval_batch_size: int, device: torch.device) -> int:
+    """0 = auto: large batches on CUDA; on CPU a ResNet34 evaluates 1.4x faster at
+    batch 64 than at 1024 (the activations stay in cache; bench/throughput.py)."""
+    if eval_batch_size > 0:
+        return eval_batch_size
+    return 1024 if device.type == "cuda" else 64
+
+
+def keep_freed_memory() -> bool:
+    """On CPU, let glibc keep freed blocks instead of returning them to the system.
+
+    A training step allocates and frees hundreds of MB of activations; with
+    glibc's defaults the large blocks are unmapped after each step and mapped
+    (page-faulted) again in the next.  Raising the mmap and trim thresholds keeps
+    them in the heap (what jemalloc/tcmalloc do, as PyTorch's CPU tuning guide
+    recommends); measured +7-12% training images/s for ResNet34 on 2 cores.
+    Returns whether it applied (glibc on Linux only)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 34))
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return False
 
 
 def resolve_threads(num_threads: int) -> int:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from models import build_model
-from utils.accel import FastPath, make_fast_path, resolve_threads
+from utils.accel import FastPath, keep_freed_memory, make_fast_path, resolve_eval_batch_size, resolve_threads
 from utils.augment import BatchAugment
 from utils.checkpoint import RunCheckpoint, apply_determinism, open_run, plan_run
 from utils.config import Config, ConfigError
@@ -118,6 +118,10 @@ def prepare(cfg: Config, stage: str) -> Prepared:
     """Everything that can fail on bad input, before anything is written."""
     device = resolve_device(cfg.device)
     torch.set_num_threads(resolve_threads(cfg.num_threads))
+    if device.type == "cpu":
+        keep_freed_memory()
+    # resolved once, here, so every evaluation pass and args.json see the same number
+    cfg.data.eval_batch_size = resolve_eval_batch_size(cfg.data.eval_batch_size, device)
     seed_everything(cfg.seeds)
     stage1 = read_stage1(cfg) if (stage == "second" and cfg.model.is_pretrained) else None
     data = load_dataset(cfg.data.name, cfg.data.root, cfg.data.imb_type, cfg.data.imb_factor,
