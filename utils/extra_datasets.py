@@ -198,12 +198,17 @@ def _load_imagenet_lt(root: Path, n_classes: int) -> LTData:
     for split in ("val", "test"):
         _check_labels(labels[split], n_classes, lists / f"ImageNet_LT_{split}.txt")
     _check_images_exist(images, files["train"], "the ImageNet (ILSVRC-2012 CLS-LOC) train/ and val/ folders")
-    # class names: the synset folder (wnid) of each class's first training image
-    class_names = [""] * n_classes
-    for path, c in zip(files["train"], labels["train"]):
-        if not class_names[c]:
-            class_names[c] = Path(path).parent.name
-    return _file_dataset("ImageNet", files, labels, class_names, counts, color_jitter=True)
+    names = _wnid_names(files["train"], labels["train"], n_classes)
+    return _file_dataset("ImageNet", files, labels, names, counts, color_jitter=True)
+
+
+def _wnid_names(paths: list[str], labels, n_classes: int) -> list[str]:
+    """Class names: the synset folder (wnid) of each class's first training image."""
+    names = [""] * n_classes
+    for path, c in zip(paths, labels):
+        if not names[c]:
+            names[c] = Path(path).parent.name
+    return names
 
 
 MINI_TRAIN, MINI_VAL, MINI_TEST = 500, 100, 100  # images per class drawn for each split
@@ -279,11 +284,8 @@ def _load_mini_imagenet_lt(root: Path, imb_factor: float, n_classes: int) -> LTD
     for split in ("val", "test"):
         _check_labels(labels[split], n_classes, folder / f"{tag}_{split}.txt")
     _check_images_exist(train_dir, files["train"], "the ImageNet (ILSVRC-2012 CLS-LOC) train/ folder")
-    class_names = [""] * n_classes
-    for path, c in zip(files["train"], labels["train"]):
-        if not class_names[c]:
-            class_names[c] = Path(path).parent.name
-    return _file_dataset("MiniImagenet", files, labels, class_names, counts, color_jitter=False)
+    names = _wnid_names(files["train"], labels["train"], n_classes)
+    return _file_dataset("MiniImagenet", files, labels, names, counts, color_jitter=False)
 
 
 # ----------------------------------------------------------------------------------
