@@ -86,6 +86,11 @@ class OneParamBN(nn.BatchNorm2d):
         self.weight = nn.Parameter(torch.ones(1))
         self.bias = nn.Parameter(torch.zeros(1))
 
+    def affine_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-channel (weight, bias) this module normalises with."""
+        return (_BroadcastMeanGrad.apply(self.weight, self.num_features),
+                _BroadcastMeanGrad.apply(self.bias, self.num_features))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
@@ -98,9 +103,7 @@ class OneParamBN(nn.BatchNorm2d):
             x,
             self.running_mean if track else None,
             self.running_var if track else None,
-            _BroadcastMeanGrad.apply(self.weight, self.num_features),
-            _BroadcastMeanGrad.apply(self.bias, self.num_features),
-            use_batch_stats, factor, self.eps)
+            *self.affine_params(), use_batch_stats, factor, self.eps)
 
 
 def new_bn(num_features: int, one_param: bool) -> nn.BatchNorm2d:

@@ -17,7 +17,11 @@ Both offer the same small interface, the "batch split":
   ``(x, y, idx)`` with ``x`` float and normalised, ``idx`` the dataset indices (on the
   device).  The order is :func:`utils.train.batch_slices` of the shuffle generator, as
   on the fast path (a trailing batch of one sample is dropped);
-* ``eval_batches(batch_size)``: the split in order, without augmentation.
+* ``eval_batches(batch_size)``: the split in order, without augmentation;
+* ``subset(start, stop)``: rows start..stop-1 (a rank's evaluation shard under torchrun).
+
+Under torchrun ``epoch_batches`` yields this rank's part of each global batch as ``x``
+(:func:`utils.distributed.my_bounds`) and the whole global batch's ``y`` and ``idx``.
 
 ``train_one_epoch``, ``evaluate`` (utils/train.py) and the final evaluation take
 their batches from any split through ``utils.train.train_batches`` / ``eval_batches``,
@@ -30,6 +34,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from utils import distributed as ddp
 from utils.augment import BatchAugment, normalize
 from utils.errors import DataError
 from utils.train import SplitTensors, batch_slices
@@ -51,10 +56,14 @@ class FeatureSplit:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
+    def subset(self, start: int, stop: int) -> "FeatureSplit":
+        return FeatureSplit(self.features[start:stop], self.labels[start:stop])
+
     def epoch_batches(self, batch_size: int, shuffle_generator: torch.Generator) -> Iterator[Batch]:
         for idx in batch_slices(len(self), batch_size, shuffle_generator):
             idx = idx.to(self.labels.device, non_blocking=True)
-            yield self.features[idx], self.labels[idx], idx
+            lo, hi = ddp.my_bounds(idx.shape[0])
+            yield self.features[idx[lo:hi]], self.labels[idx], idx
 
     def eval_batches(self, batch_size: int) -> Iterator[Batch]:
         device = self.labels.device
@@ -103,6 +112,13 @@ class FileSplit:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
+    def subset(self, start: int, stop: int) -> "FileSplit":
+        part = FileSplit.__new__(FileSplit)
+        part.files = ImageFiles(self.files.paths[start:stop], self.files.transform)
+        part.labels, part.device = self.labels[start:stop], self.device
+        part.mean, part.std, part.num_workers = self.mean, self.std, self.num_workers
+        return part
+
     def _loader(self, batches: list[list[int]], seed: int) -> DataLoader:
         return DataLoader(self.files, batch_sampler=batches, num_workers=self.num_workers,
                           pin_memory=self.device.type == "cuda",
@@ -116,11 +132,26 @@ class FileSplit:
             yield x, self.labels[idx], idx
 
     def epoch_batches(self, batch_size: int, shuffle_generator: torch.Generator) -> Iterator[Batch]:
-        batches = [b.tolist() for b in batch_slices(len(self), batch_size, shuffle_generator)]
+        """One epoch; under torchrun the DataLoader of each rank decodes only its part of
+        every global batch (DistributedSampler's sharding, with the permutation of the
+        shared shuffle generator standing for ``set_epoch``)."""
+        global_batches = batch_slices(len(self), batch_size, shuffle_generator)
         seed = int(torch.randint(0, 2 ** 62, (1,), generator=shuffle_generator))
+        seed += ddp.context().rank  # each rank's random transforms differ
         if self.num_workers == 0:
             torch.manual_seed(seed)  # the transforms then draw from the main process's RNG
-        return self._batches(self._loader(batches, seed))
+        if not ddp.context().enabled:
+            return self._batches(self._loader([b.tolist() for b in global_batches], seed))
+        local = []
+        for b in global_batches:
+            lo, hi = ddp.my_bounds(b.shape[0])
+            local.append(b[lo:hi].tolist())
+        return self._sharded(self._loader(local, seed), global_batches)
+
+    def _sharded(self, loader: DataLoader, global_batches: list[torch.Tensor]) -> Iterator[Batch]:
+        for (x, _, _), idx in zip(self._batches(loader), global_batches):
+            idx = idx.to(self.device, non_blocking=True)
+            yield x, self.labels[idx], idx
 
     def eval_batches(self, batch_size: int) -> Iterator[Batch]:
         n = len(self)

@@ -40,6 +40,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from utils import distributed as ddp
 from utils.errors import CheckpointError, DataError, RunDirError, RunInterrupted, Stage1Error, TrainingDiverged
 from utils.rundir import (ACC_FILE, ARGS_FILE, BEST_LOG_FILE, BEST_PARAM_FILE, CHECKPOINT_FILE, RunDir,
                           load_state_dict, safe_join)
@@ -308,6 +309,11 @@ def _marker(cfg, stage: Optional[str], finished: bool, **extra) -> dict:
 
 def resume_command(stage: str, argv) -> str:
     args = [a for a in argv if a not in ("--resume", "--overwrite")]
+    c = ddp.context()
+    if c.enabled:  # the same launch again (multi-node: also --nnodes and the rendezvous of the first launch)
+        nodes = c.world_size // max(c.local_world_size, 1)
+        launcher = ["torchrun"] + ([f"--nnodes={nodes}"] if nodes > 1 else []) + [f"--nproc_per_node={c.local_world_size}"]
+        return shlex.join([*launcher, f"{stage}.py", *args, "--resume"])
     return shlex.join(["python", f"{stage}.py", *args, "--resume"])
 
 
@@ -352,6 +358,10 @@ class RunCheckpoint:
             self._epoch_started(1)
             return 1, best_acc, best_epoch
         c = self.loaded
+        saved_track = dict(c["track"])
+        if "step_loss" in track and "step_loss" not in saved_track:  # checkpoints from before the per-step losses
+            saved_track["step_loss"] = [torch.empty(0) for _ in saved_track.get("acc_val", [])]
+        c["track"] = saved_track
         if set(c["track"]) != set(track):
             raise CheckpointError(f"{self.rundir.file(CHECKPOINT_FILE)} was written by another version of this "
                                   f"code (records {sorted(c['track'])}, expected {sorted(track)}); use --overwrite")
@@ -372,15 +382,18 @@ class RunCheckpoint:
 
     def save_best(self, model, epoch: int) -> None:
         self.rundir.save_torch(f"{PENDING_PREFIX}{epoch}{PENDING_SUFFIX}", model.state_dict())
-        if self.pending_epoch is not None and self.pending_epoch != epoch:
+        if self.rundir.writes and self.pending_epoch is not None and self.pending_epoch != epoch:
             self.rundir.file(f"{PENDING_PREFIX}{self.pending_epoch}{PENDING_SUFFIX}").unlink(missing_ok=True)
         self.pending_epoch = epoch
 
     def save(self, epoch: int, best_acc: float, best_epoch: int, records: list, track: dict) -> None:
         """The checkpoint of a completed epoch (every ``checkpoint_every`` epochs, the last one, and
-        on Ctrl-C); then commits its best weights; then honours Ctrl-C."""
+        on Ctrl-C); then commits its best weights; then honours Ctrl-C.
+
+        Under torchrun only rank 0 writes, every rank stops after the same epoch (a
+        Ctrl-C seen by any rank counts) and none goes on before the checkpoint is written."""
         total = self.cfg.optim.total_epoch_num
-        stop = self.stopper is not None and self.stopper.requested
+        stop = ddp.any_rank(self.stopper is not None and self.stopper.requested)
         if self.guard is not None and self.guard.skipped_epoch and self.log is not None:
             self.log.info(f"epoch {epoch}: skipped {self.guard.skipped_epoch} steps with a non-finite loss or "
                           "gradient (optim.nonfinite = skip)")
@@ -402,9 +415,11 @@ class RunCheckpoint:
         )
         self.rundir.save_torch(CHECKPOINT_FILE, state)
         if self.pending_epoch is not None:
-            os.replace(self.rundir.file(f"{PENDING_PREFIX}{self.pending_epoch}{PENDING_SUFFIX}"),
-                       self.rundir.file(BEST_PARAM_FILE))
+            if self.rundir.writes:
+                os.replace(self.rundir.file(f"{PENDING_PREFIX}{self.pending_epoch}{PENDING_SUFFIX}"),
+                           self.rundir.file(BEST_PARAM_FILE))
             self.pending_epoch = None
+        ddp.barrier()
         self.saved_epoch, self.best_epoch = epoch, int(best_epoch)
         if stop:
             self.close()
@@ -421,6 +436,8 @@ class RunCheckpoint:
     def finish(self) -> None:
         """Mark the run finished: full checkpoint kept with save_checkpoint, else a small marker."""
         path = self.rundir.file(CHECKPOINT_FILE)
+        if not self.rundir.writes:
+            return
         if self.cfg.save_checkpoint and path.is_file():
             state = read_checkpoint(path)
             if "model" in state:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from typing import Optional, Sequence
@@ -52,7 +53,30 @@ def _one_line_warning(message, category, filename, lineno, line=None):
     return f"warning: {message}\n"
 
 
+def _rank() -> int:
+    text = os.environ.get("RANK", "0").strip()  # torchrun's; set before the process group exists
+    return int(text) if text.isdigit() else 0
+
+
+def _report(message: str, same_on_every_rank: bool = True) -> None:
+    """Print a final message once: on rank 0, and on the other ranks of a torchrun launch
+    only when it may be their own (not a config error, which every rank shares)."""
+    rank = _rank()
+    if rank == 0:
+        print(message, file=sys.stderr, flush=True)
+    elif not same_on_every_rank:
+        print(f"[rank {rank}] {message}", file=sys.stderr, flush=True)
+
+
 def main(stage: str, argv: Optional[Sequence[str]] = None) -> int:
+    from utils import distributed as ddp
+    try:
+        return _main(stage, argv)
+    finally:
+        ddp.teardown()
+
+
+def _main(stage: str, argv: Optional[Sequence[str]] = None) -> int:
     warnings.formatwarning = _one_line_warning
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(stage).parse_args(argv)
@@ -72,6 +96,11 @@ def main(stage: str, argv: Optional[Sequence[str]] = None) -> int:
             if not base.model.is_pretrained:
                 raise ConfigError("model.is_pretrained = false; stage 2 starts from a stage-1 run "
                                   "(set it to true and point model.pretrained_path at the run)")
+        from utils import distributed as ddp
+        dist = ddp.setup(base.device)  # torchrun: one process group for every seed
+        if dist.enabled:
+            for cfg in configs:
+                ddp.check_global_batch(cfg, stage)
         from utils.checkpoint import plan_run
         resume = args.resume or base.load_checkpoint
         for cfg in configs:  # every seed's directory is checked before any work starts
@@ -80,18 +109,18 @@ def main(stage: str, argv: Optional[Sequence[str]] = None) -> int:
         for cfg in configs:
             run(cfg, stage, exp_root=args.exp_root, resume=resume, overwrite=args.overwrite)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _report(f"error: {exc}", same_on_every_rank=isinstance(exc, ConfigError))
         return 2
     except (TrainingDiverged, FloatingPointError) as exc:
-        print(f"error: {getattr(exc, 'diverged', exc)}", file=sys.stderr)
+        _report(f"error: {getattr(exc, 'diverged', exc)}")
         return 3
     except RunInterrupted as exc:
         from utils.checkpoint import resume_command
-        print(f"{exc}. Resume with: {resume_command(stage, argv)}", file=sys.stderr)
+        _report(f"{exc}. Resume with: {resume_command(stage, argv)}")
         return 130
     except KeyboardInterrupt:
         from utils.checkpoint import resume_command
-        print(f"interrupted; the checkpoint of the last completed epoch is kept. Resume with: "
-              f"{resume_command(stage, argv)}", file=sys.stderr)
+        _report(f"interrupted; the checkpoint of the last completed epoch is kept. Resume with: "
+                f"{resume_command(stage, argv)}")
         return 130
     return 0

@@ -163,6 +163,8 @@ class Config:
     compile: str = _f("off", "torch.compile mode of the forward pass (off = eager)",
                       ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     num_threads: int = _f(0, "CPU threads (0 = OMP_NUM_THREADS if set, else the cores available)", check="ge0")
+    sync_bn: bool = _f(True, "under torchrun: BatchNorm statistics of the global batch, over all processes "
+                             "(false: each process's own part; one process: no effect)")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from utils import distributed as ddp
 from utils.accel import FastPath
 from utils.augment import BatchAugment
 from utils.metrics import (GROUPS, confusion_counts, fisher_discriminant_ratio, group_accuracy, hoyer_sparsity,
@@ -49,17 +50,22 @@ class Features:
 @torch.inference_mode()
 def extract_features(model, split, augment: BatchAugment, batch_size: int, hflip: bool = False,
                      fast: Optional[FastPath] = None) -> Features:
+    """Under torchrun each rank computes a contiguous shard and the shards are gathered:
+    every rank returns the features of the whole split, in order."""
     fast = fast or FastPath(device_type=split.labels.device.type)
+    labels, n = split.labels, len(split)
+    part = split.subset(*ddp.my_bounds(n)) if ddp.context().enabled else split
     was_training = model.training
     model.eval()
     plain, flipped = [], []
-    for x, _ in eval_batches(split, augment, batch_size):
+    for x, _ in eval_batches(part, augment, batch_size):
         with fast.autocast():
             plain.append(model.features(fast.layout(x)).float())
             if hflip:
                 flipped.append(model.features(fast.layout(x.flip(3))).float())
     model.train(was_training)
-    return Features(torch.cat(plain), torch.cat(flipped) if hflip else None, split.labels)
+    return Features(ddp.gather_rows(torch.cat(plain), n),
+                    ddp.gather_rows(torch.cat(flipped), n) if hflip else None, labels)
 
 
 @torch.inference_mode()

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from models import build_model
+from utils import distributed as ddp
 from utils.accel import FastPath, keep_freed_memory, make_fast_path, resolve_eval_batch_size, resolve_threads
 from utils.augment import BatchAugment
 from utils.checkpoint import RunCheckpoint, apply_determinism, open_run, plan_run
@@ -34,7 +35,7 @@ from utils.plots import plot_run
 from utils.records import class_mean
 from utils.regularizers import MaxNorm, normalise_classifier
 from utils.rundir import (ARGS_FILE, BEST_LOG_FILE, BEST_PARAM_FILE, METRICS_FILE, TRACK_RECORDS_FILE,
-                          TRAIN_LOG_FILE, RunDir)
+                          TRAIN_LOG_FILE, FollowerRunDir, RunDir)
 from utils.stage1 import (CLASSIFIER_PREFIX, Stage1Run, adapt_state_dict, apply_bn_weight_init, load_into,
                           read_stage1)
 from utils.tau_sweep import run_sweep
@@ -48,6 +49,9 @@ from utils.train import SplitTensors, TrainState, cosine_lr, evaluate, train_one
 # ---------------------------------------------------------------------------
 
 def resolve_device(name: str) -> torch.device:
+    rank_device = ddp.device_for(name)  # under torchrun on CUDA: the GPU of LOCAL_RANK
+    if rank_device is not None:
+        return rank_device
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -63,14 +67,23 @@ def seed_everything(seed: int) -> None:
 
 
 class RunLog:
-    """Human-readable log: to the terminal and to train.log."""
+    """Human-readable log: to the terminal and to train.log (rank 0 only under torchrun)."""
 
     def __init__(self, run: RunDir):
         self.run = run
 
     def info(self, message: str) -> None:
+        if not self.run.writes:
+            return
         print(message, flush=True)
         self.run.append_line(TRAIN_LOG_FILE, message)
+
+
+class NullWriter:
+    """TensorBoard's SummaryWriter for the ranks that do not write (everything is a no-op)."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
 
 
 # ---------------------------------------------------------------------------
@@ -137,6 +150,8 @@ def prepare(cfg: Config, stage: str) -> Prepared:
                                         source=stage1.path / BEST_PARAM_FILE, prefix=prefix,
                                         ignore_restrict_load=cfg.model.ignore_restrict_load)
     model.to(device)
+    if ddp.context().enabled and cfg.sync_bn:
+        ddp.convert_sync_batchnorm(model)  # training-mode statistics over the global batch
     if cfg.optim.norm_type in ("L2", "tau"):
         normalise_classifier(model.classifier, cfg.optim.norm_type, norm_param(cfg))
     fast = make_fast_path(model, device, cfg.precision, cfg.memory_format, cfg.compile)
@@ -151,13 +166,18 @@ def run(cfg: Config, stage: str, exp_root: str | Path = "exp", resume: Optional[
     config's ``load_checkpoint``) or ``overwrite`` (see utils/checkpoint.py).
     """
     started = time.perf_counter()
+    dist = ddp.context()
     plan = plan_run(cfg, stage, exp_root, cfg.load_checkpoint if resume is None else resume, overwrite)
+    # under torchrun: every rank has planned (and read any checkpoint) before rank 0 writes
+    ddp.agree((plan.action, plan.first_epoch), f"what to do with {plan.path}")
     if plan.action == "done":
-        print(plan.note, flush=True)
+        if dist.is_main:
+            print(plan.note, flush=True)
         return plan.path
     apply_determinism(cfg.deterministic)
     p = prepare(cfg, stage)
-    rundir = open_run(plan, exp_root, cfg)
+    rundir = open_run(plan, exp_root, cfg) if dist.is_main else FollowerRunDir(plan.path)
+    ddp.barrier()
     log = RunLog(rundir)
     ckpt = RunCheckpoint(rundir, cfg, stage, plan, log)
     rundir.write_json(ARGS_FILE, {**cfg.to_dict(), "load_checkpoint": False})  # re-running it starts afresh
@@ -166,6 +186,10 @@ def run(cfg: Config, stage: str, exp_root: str | Path = "exp", resume: Optional[
         log.info(plan.note)
     log.info(f"python {sys.version.split()[0]}, torch {torch.__version__}, device {p.device}")
     log.info(f"{p.fast.describe()}, {torch.get_num_threads()} CPU threads")
+    if dist.enabled:
+        log.info(f"distributed: {dist.describe()}; global batch {cfg.data.batch_size} = {dist.world_size} x "
+                 f"{cfg.data.batch_size // dist.world_size}; BatchNorm statistics "
+                 f"{'over the global batch' if cfg.sync_bn else 'per process (sync_bn = false)'}")
     if p.stage1 is not None:
         log.info(f"loaded stage-1 weights from {p.stage1.path / BEST_PARAM_FILE}")
         if p.stage1.skipped_keys:
@@ -175,14 +199,17 @@ def run(cfg: Config, stage: str, exp_root: str | Path = "exp", resume: Optional[
         log.info(line)
 
     from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(log_dir=str(rundir.path), purge_step=plan.first_epoch if ckpt.resuming else None)
+    writer = (SummaryWriter(log_dir=str(rundir.path), purge_step=plan.first_epoch if ckpt.resuming else None)
+              if rundir.writes else NullWriter())
     try:
         train, val, test, augment = make_splits(p.data, p.device, cfg.data.num_workers)
         track = None
         if cfg.optim.total_epoch_num > 0:
             track = fit(p, rundir, writer, log, train, val, augment, ckpt)
-            p.model.load_state_dict(torch.load(rundir.file(BEST_PARAM_FILE), map_location=p.device,
-                                               weights_only=True))
+            if rundir.writes:
+                p.model.load_state_dict(torch.load(rundir.file(BEST_PARAM_FILE), map_location=p.device,
+                                                   weights_only=True))
+            ddp.broadcast_module(p.model)  # no shared filesystem needed for the other ranks
         else:
             # Evaluation only: the adjusted model is what this run stands for.
             rundir.save_torch(BEST_PARAM_FILE, p.model.state_dict())
@@ -195,8 +222,9 @@ def run(cfg: Config, stage: str, exp_root: str | Path = "exp", resume: Optional[
         final = final_evaluation(p, rundir, writer, log, train, test, augment, val)
         if track is not None:
             rundir.save_torch(TRACK_RECORDS_FILE, track)
-        plot_run(rundir.path, p.data.train_images, p.data.train_labels,
-                 p.stage1.path if p.stage1 is not None else None, writer)
+        if rundir.writes:
+            plot_run(rundir.path, p.data.train_images, p.data.train_labels,
+                     p.stage1.path if p.stage1 is not None else None, writer)
         writer.add_hparams({"seed": cfg.seeds, "exp_name": cfg.exp_name, "stage": p.stage},
                            {**{f"hparam/acc_{k}": v for k, v in final["acc"].items()},
                             **{f"hparam/FDR_{k}": v for k, v in final["fdr"].items()}}, run_name=".")
@@ -205,12 +233,15 @@ def run(cfg: Config, stage: str, exp_root: str | Path = "exp", resume: Optional[
         writer.close()
     ckpt.finish()
     log.info(f"finished in {time.perf_counter() - started:.1f} s")
+    ddp.barrier()  # no rank starts the next seed before rank 0 has finished writing this one
     return rundir.path
 
 
-def fit(p: Prepared, rundir: RunDir, writer, log: RunLog, train: SplitTensors, val: SplitTensors,
-        augment: BatchAugment, ckpt: Optional[RunCheckpoint] = None):
+def make_train_state(p: Prepared, augment: BatchAugment, log: Optional[RunLog] = None) -> TrainState:
+    """What trains, with what objective and optimizer, from which generators: the
+    state :func:`utils.train.train_one_epoch` needs (under torchrun, with the DDP forward)."""
     cfg, model, device = p.cfg, p.model, p.device
+    say = log.info if log is not None else (lambda message: None)
     o = cfg.optim
     named = trained_parameters(model, p.stage, cfg)
     trained_ids = {id(prm) for _, prm in named}
@@ -218,15 +249,15 @@ def fit(p: Prepared, rundir: RunDir, writer, log: RunLog, train: SplitTensors, v
         prm.requires_grad_(id(prm) in trained_ids)
     params = [prm for _, prm in named]
     decayed = decayed_parameters(model, named, cfg, p.data.groups())
-    log.info(describe_parameters(cfg, named, decayed))
+    say(describe_parameters(cfg, named, decayed))
     if o.drw > 0:
-        log.info(f"DRW: epochs 1-{o.drw} train with plain CE, {o.loss_type} from epoch {o.drw + 1}")
+        say(f"DRW: epochs 1-{o.drw} train with plain CE, {o.loss_type} from epoch {o.drw + 1}")
     optimizer = make_optimizer(cfg, params)
     objective = make_objective(cfg, p.data.class_counts, decayed, device, classifier=model.classifier)
 
     maxnorm = MaxNorm(model.classifier, norm_param(cfg)) if o.norm_type == "maxnorm" else None
     if maxnorm is not None:
-        log.info(f"MaxNorm threshold {maxnorm.threshold:.5f} (fixed at load), projected every {o.maxnorm_every}")
+        say(f"MaxNorm threshold {maxnorm.threshold:.5f} (fixed at load), projected every {o.maxnorm_every}")
     project = (lambda: maxnorm.project(model.classifier)) if maxnorm is not None else None
 
     def set_train_mode(m: nn.Module) -> None:
@@ -238,11 +269,28 @@ def fit(p: Prepared, rundir: RunDir, writer, log: RunLog, train: SplitTensors, v
 
     shuffle_gen = torch.Generator().manual_seed(cfg.seeds)
     aug_gen = torch.Generator(device=device).manual_seed(cfg.seeds + 1)
+    forward = None
+    if ddp.context().enabled:
+        # every rank draws the same shuffle and augmentation numbers (utils/distributed.py)
+        forward = ddp.wrap_ddp(model, device, cfg.sync_bn)
+        if cfg.compile != "off":
+            forward = torch.compile(forward, mode=None if cfg.compile == "default" else cfg.compile)
     state = TrainState(optimizer=optimizer, objective=objective, augment=augment,
                        batch_size=cfg.data.batch_size, n_classes=p.data.n_classes,
                        shuffle_generator=shuffle_gen, augment_generator=aug_gen,
                        after_step=project if (project and o.maxnorm_every == "step") else None,
-                       set_train_mode=set_train_mode, fast=p.fast)
+                       set_train_mode=set_train_mode, fast=p.fast, forward=forward)
+    state.project_every_epoch = project if (project and o.maxnorm_every == "epoch") else None
+    return state
+
+
+def fit(p: Prepared, rundir: RunDir, writer, log: RunLog, train: SplitTensors, val: SplitTensors,
+        augment: BatchAugment, ckpt: Optional[RunCheckpoint] = None):
+    cfg, model, device = p.cfg, p.model, p.device
+    o = cfg.optim
+    state = make_train_state(p, augment, log)
+    optimizer, objective, project = state.optimizer, state.objective, state.project_every_epoch
+    shuffle_gen, aug_gen = state.shuffle_generator, state.augment_generator
 
     ckpt = ckpt or RunCheckpoint(rundir, cfg, p.stage, log=log)
     ckpt.bind(model, optimizer, {"shuffle": shuffle_gen, "augment": aug_gen}, state, device)
@@ -252,7 +300,7 @@ def fit(p: Prepared, rundir: RunDir, writer, log: RunLog, train: SplitTensors, v
         rundir.save_torch(BEST_PARAM_FILE, model.state_dict())
     best_acc, best_epoch = 0.0, 0
     records: list[dict] = []
-    track = {"acc_train": [], "acc_val": [], "weight_norm": [], "correct": [], "class_loss": []}
+    track = {"acc_train": [], "acc_val": [], "weight_norm": [], "correct": [], "class_loss": [], "step_loss": []}
     total = o.total_epoch_num
     first_epoch, best_acc, best_epoch = ckpt.restore(records, track, best_acc, best_epoch)
     for epoch in range(first_epoch, total + 1):
@@ -262,7 +310,7 @@ def fit(p: Prepared, rundir: RunDir, writer, log: RunLog, train: SplitTensors, v
             group["lr"] = lr
         objective.set_epoch(epoch)
         out = train_one_epoch(model, train, state, epoch, total)
-        if project is not None and o.maxnorm_every == "epoch":
+        if project is not None:
             project()
         val_result = evaluate(model, val, augment, p.data.n_classes, cfg.data.eval_batch_size, fast=p.fast)
         val_acc = val_result.class_avg_acc
@@ -283,6 +331,7 @@ def fit(p: Prepared, rundir: RunDir, writer, log: RunLog, train: SplitTensors, v
         track["weight_norm"].append(weight_norm)
         track["correct"].append(out["correct"])
         track["class_loss"].append(class_mean(out["sample_loss"], p.data.train_labels, p.data.n_classes))
+        track["step_loss"].append(out["step_loss"])
         writer.add_histogram("classifier/weight_norm_per_class", weight_norm, epoch)
         write_epoch(writer, record)
         if cfg.optim.fdr_every and (epoch - 1) % cfg.optim.fdr_every == 0:
@@ -301,10 +350,20 @@ def fit(p: Prepared, rundir: RunDir, writer, log: RunLog, train: SplitTensors, v
         "weight_norm": torch.stack(track["weight_norm"]),
         "correct": torch.stack(track["correct"]),
         "class_loss": torch.stack(track["class_loss"]),  # E x K mean per-image CE of the training batches
+        "step_loss": _stack_padded(track["step_loss"]),  # E x steps: the loss of every training step
         "labels": p.data.train_labels.cpu(),
         "best_epoch": best_epoch,
     }
     return track_out
+
+
+def _stack_padded(rows: list[torch.Tensor]) -> torch.Tensor:
+    """E x max-length, NaN where an epoch has fewer values (a run resumed from an older checkpoint)."""
+    width = max((r.numel() for r in rows), default=0)
+    out = torch.full((len(rows), width), float("nan"))
+    for i, r in enumerate(rows):
+        out[i, :r.numel()] = r
+    return out
 
 
 def write_epoch(writer, record: dict) -> None:

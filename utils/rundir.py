@@ -82,6 +82,8 @@ def safe_join(root: Path, relative: Path, what: str = "run directory", error: ty
 
 
 class RunDir:
+    writes = True  # False for the ranks that leave the writing to rank 0 (FollowerRunDir)
+
     def __init__(self, path: Path):
         self.path = Path(path)
 
@@ -210,3 +212,24 @@ def _weights_only_reason(exc: BaseException) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+class FollowerRunDir(RunDir):
+    """The run directory as seen by a rank other than 0 under torchrun.
+
+    Every rank runs the same code, and only rank 0 writes: here every writer does
+    nothing (reads still work, on a shared filesystem)."""
+
+    writes = False
+
+    def write_text(self, name: str, text: str) -> Path:
+        return self.file(name)
+
+    def save_torch(self, name: str, obj: Any) -> Path:
+        return self.file(name)
+
+    def save_npy(self, name: str, array: np.ndarray) -> Path:
+        return self.file(name)
+
+    def append_line(self, name: str, line: str) -> None:
+        return None

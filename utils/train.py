@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from utils.accel import FastPath
 from utils.augment import BatchAugment
+from utils import distributed as ddp
 from utils.errors import DataError
 from utils.metrics import class_averaged_accuracy, confusion_counts
 
@@ -50,19 +51,37 @@ class SplitTensors:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
+    def subset(self, start: int, stop: int) -> "SplitTensors":
+        """Rows start..stop-1 (views, no copy): a rank's shard for evaluation."""
+        return SplitTensors(self.images[start:stop], self.labels[start:stop])
+
+
+def _augmented_batches(split: SplitTensors, batches: list[torch.Tensor], state: "TrainState"):
+    """(this rank's augmented images, labels, indices) of each global batch.
+
+    The augmentation parameters are drawn for the whole global batch and each rank
+    applies its slice: under torchrun the ranks' crops and flips differ and together
+    equal those of one process (which draws the same numbers in the same order)."""
+    for idx in batches:
+        lo, hi = ddp.my_bounds(idx.shape[0])
+        dy, dx, flip = state.augment.sample_params(idx.shape[0], state.augment_generator, device=idx.device)
+        x = state.augment.apply(split.images[idx[lo:hi]], dy[lo:hi], dx[lo:hi], flip[lo:hi], validate=False)
+        yield x, split.labels[idx], idx
+
 
 def train_batches(split, state: "TrainState", max_steps: Optional[int] = None):
     """(number of batches, iterator of (x, y, dataset indices)) for one training epoch.
 
     In-memory images are sliced from a fresh permutation and augmented on the
     device; the other splits (feature tables, image files: utils/batches.py)
-    produce their batches themselves from the same shuffle generator.
+    produce their batches themselves from the same shuffle generator.  Under
+    torchrun, ``x`` holds this rank's part of the global batch while ``y`` and the
+    indices are the whole global batch's (every rank knows the permutation).
     """
     if isinstance(split, SplitTensors):
         batches = batch_slices(len(split), state.batch_size, state.shuffle_generator, split.labels.device)
         batches = batches[:max_steps] if max_steps is not None else batches
-        return len(batches), ((state.augment(split.images[idx], state.augment_generator), split.labels[idx], idx)
-                              for idx in batches)
+        return len(batches), _augmented_batches(split, batches, state)
     from utils.batches import n_batches_of
     n = n_batches_of(len(split), state.batch_size)
     if max_steps is not None:
@@ -98,9 +117,15 @@ def evaluate(model: nn.Module, split, augment: BatchAugment, n_classes: int,
     """One pass in eval mode (BN running statistics, no augmentation).
 
     ``features_on_device`` keeps the N x D features where they were computed
-    (for statistics such as the FDR that reduce them on the device).
+    (for statistics such as the FDR that reduce them on the device).  Under
+    torchrun each rank evaluates a contiguous shard (every image once, no
+    padding); the confusion counts are summed and predictions and features
+    gathered, so every rank returns the single-process result.
     """
     fast = fast or FastPath(device_type=split.labels.device.type)
+    n_total = len(split)
+    labels = split.labels
+    split = split.subset(*ddp.my_bounds(n_total)) if ddp.context().enabled else split
     was_training = model.training
     model.eval()
     preds, feats = [], []
@@ -111,11 +136,12 @@ def evaluate(model: nn.Module, split, augment: BatchAugment, n_classes: int,
         if want_features:
             feats.append(h.to(torch.float32, copy=True))  # a compiled forward may reuse h's buffer
     model.train(was_training)
-    pred = torch.cat(preds)
-    counts = confusion_counts(pred, split.labels, n_classes).cpu()
+    pred = torch.cat(preds) if preds else labels.new_zeros(0)
+    counts = ddp.all_reduce_sum(confusion_counts(pred, split.labels, n_classes)).cpu()
+    pred = ddp.gather_rows(pred, n_total)
     features = None
     if want_features:
-        features = torch.cat(feats)
+        features = ddp.gather_rows(torch.cat(feats), n_total)
         if not features_on_device:
             features = features.cpu()
     return EvalResult(counts=counts, preds=pred.cpu(), features=features)
@@ -135,6 +161,8 @@ class TrainState:
     set_train_mode: Callable[[nn.Module], None] = field(default=lambda m: m.train())
     progress_every: int = 20
     fast: FastPath = field(default_factory=FastPath)
+    forward: Optional[Callable] = None  # (features, logits) = forward(x): the DDP module under torchrun
+    project_every_epoch: Optional[Callable[[], None]] = None  # MaxNorm once per epoch (fit calls it)
 
 
 def accumulate_confusion(counts: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor) -> None:
@@ -178,14 +206,20 @@ def train_one_epoch(model: nn.Module, split, state: TrainState, epoch: int,
     correct_mask = torch.zeros(n, dtype=torch.bool, device=device)
     sample_loss = torch.full((n,), float("nan"), device=device)  # per-image CE, for per-class loss plots
     counts = torch.zeros(state.n_classes, state.n_classes, dtype=torch.long, device=device)
+    step_loss = torch.full((n_batches,), float("nan"), device=device)  # the loss of every step
     seen = 0
     bar = None
-    if show_progress and tqdm is not None:
+    if show_progress and tqdm is not None and ddp.context().is_main:
         bar = tqdm(total=n_batches, desc=f"epoch {epoch}/{total_epochs}", leave=False,
                    disable=None, file=sys.stderr, dynamic_ncols=True)
     for step, (x, y, idx) in enumerate(batches, start=1):
         with fast.autocast():
-            h, logits = fast.forward(model, x)
+            if state.forward is not None:
+                h, logits = state.forward(fast.layout(x))
+                # the loss of the global batch, from every rank's outputs (utils/distributed.py)
+                h, logits = ddp.gather_rows_autograd(h, y.shape[0]), ddp.gather_rows_autograd(logits, y.shape[0])
+            else:
+                h, logits = fast.forward(model, x)
             terms = state.objective(logits, y, h)
             loss = sum(terms.values())
         state.optimizer.zero_grad(set_to_none=True)
@@ -197,6 +231,7 @@ def train_one_epoch(model: nn.Module, split, state: TrainState, epoch: int,
             bs = y.shape[0]
             seen += bs
             loss_sum += loss.detach().double() * bs
+            step_loss[step - 1] = loss.detach()
             for name, value in terms.items():
                 term_sums[name] = term_sums.get(name, 0) + value.detach().double() * bs
             pred = logits.detach().argmax(dim=1)
@@ -219,4 +254,5 @@ def train_one_epoch(model: nn.Module, split, state: TrainState, epoch: int,
     record["train_acc_cls"] = class_averaged_accuracy(counts.cpu())
     if not math.isfinite(record["train_loss"]):
         raise FloatingPointError(f"training loss became {record['train_loss']} in epoch {epoch}")
-    return {"record": record, "correct": correct_mask.cpu(), "sample_loss": sample_loss.cpu()}
+    return {"record": record, "correct": correct_mask.cpu(), "sample_loss": sample_loss.cpu(),
+            "step_loss": step_loss.cpu()}
