@@ -159,6 +159,67 @@ def test_resume_command_repeats_the_torchrun_launch(monkeypatch):
         "torchrun --nnodes=2 --nproc_per_node=2 first.py --json_path a.json --resume"
 
 
+def _as_rank(monkeypatch, rank: int, world: int = 2) -> None:
+    monkeypatch.setattr(ddp, "_CONTEXT", ddp.Dist(rank=rank, world_size=world, local_world_size=world, backend="gloo"))
+
+
+def _epoch(make_batches, monkeypatch, world: int):
+    """[(x parts of every rank, y, idx)] of one epoch, each rank's batches drawn from fresh generators."""
+    per_rank = []
+    for rank in range(world):
+        if world > 1:
+            _as_rank(monkeypatch, rank, world)
+        per_rank.append(list(make_batches()))
+    monkeypatch.setattr(ddp, "_CONTEXT", ddp.Dist())
+    return [([b[0] for b in step], step[0][1], step[0][2]) for step in zip(*per_rank)]
+
+
+def _assert_shards_reassemble(make_batches, monkeypatch, world: int = 3) -> None:
+    one = _epoch(make_batches, monkeypatch, 1)
+    many = _epoch(make_batches, monkeypatch, world)
+    assert len(one) == len(many) > 1
+    for (x1, y1, i1), (xs, y, i) in zip(one, many):
+        assert torch.equal(i, i1) and torch.equal(y, y1)  # every rank knows the global batch
+        assert [x.shape[0] for x in xs] == ddp.chunk_sizes(i1.shape[0], world)
+        assert torch.equal(torch.cat(xs), x1[0])  # the parts, in rank order, are the one-process batch
+
+
+def test_augmented_image_batches_split_into_the_one_process_batch(monkeypatch):
+    from utils.augment import BatchAugment
+    from utils.train import SplitTensors, TrainState, train_batches
+
+    gen = torch.Generator().manual_seed(0)
+    split = SplitTensors(torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8, generator=gen),
+                         torch.randint(0, 5, (50,), generator=gen))
+
+    def batches():
+        state = TrainState(optimizer=None, objective=None, augment=BatchAugment([0.5] * 3, [0.25] * 3, 2, True),
+                           batch_size=12, n_classes=5, shuffle_generator=torch.Generator().manual_seed(3),
+                           augment_generator=torch.Generator().manual_seed(4))
+        return train_batches(split, state)[1]
+
+    _assert_shards_reassemble(batches, monkeypatch)  # 50 = 4 x 12 + 2: the last batch is 1 + 1 + 0
+
+
+def test_feature_and_file_batches_split_into_the_one_process_batch(monkeypatch, tmp_path):
+    from PIL import Image
+    from torchvision.transforms import PILToTensor
+    from utils.batches import FeatureSplit, FileSplit
+
+    gen = torch.Generator().manual_seed(0)
+    table = FeatureSplit(torch.randn(40, 6, generator=gen), torch.randint(0, 4, (40,), generator=gen))
+    _assert_shards_reassemble(lambda: table.epoch_batches(16, torch.Generator().manual_seed(5)), monkeypatch)
+    paths = []
+    for i in range(23):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(np.full((4, 4, 3), i * 10, dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    files = FileSplit(paths, torch.arange(23) % 3, PILToTensor(), [0.5] * 3, [0.5] * 3, torch.device("cpu"), 0)
+    _assert_shards_reassemble(lambda: files.epoch_batches(8, torch.Generator().manual_seed(6)), monkeypatch)
+    shard = files.subset(*ddp.chunk_bounds(23, 2, 1))
+    assert len(shard) == 11 and torch.equal(shard.labels, files.labels[12:])
+
+
 # ---------------------------------------------------------------------------
 # Under torchrun --nproc_per_node=2 (gloo)
 # ---------------------------------------------------------------------------

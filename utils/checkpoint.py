@@ -595,6 +595,7 @@ class GracefulStop:
             self.uninstall()
             raise KeyboardInterrupt
         self.requested = True
-        print("\ninterrupt: finishing this epoch and saving its checkpoint (press Ctrl-C again to stop at once)",
-              file=sys.stderr, flush=True)
+        if ddp.context().is_main:  # under torchrun every process gets the signal; one says so
+            print("\ninterrupt: finishing this epoch and saving its checkpoint (press Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)
 
