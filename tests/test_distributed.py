@@ -46,6 +46,7 @@ WEIGHT_TOL = 1e-3
 def _env() -> dict:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", MPLBACKEND="Agg", PYTHONWARNINGS="ignore")
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback: no need for the host name to resolve
     return env
 
 
