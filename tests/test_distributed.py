@@ -217,6 +217,8 @@ def test_feature_and_file_batches_split_into_the_one_process_batch(monkeypatch, 
         paths.append(str(path))
     files = FileSplit(paths, torch.arange(23) % 3, PILToTensor(), [0.5] * 3, [0.5] * 3, torch.device("cpu"), 0)
     _assert_shards_reassemble(lambda: files.epoch_batches(8, torch.Generator().manual_seed(6)), monkeypatch)
+    # 23 = 2 x 9 + 5 over 6 processes: the last batch leaves the sixth without images
+    _assert_shards_reassemble(lambda: files.epoch_batches(9, torch.Generator().manual_seed(6)), monkeypatch, world=6)
     shard = files.subset(*ddp.chunk_bounds(23, 2, 1))
     assert len(shard) == 11 and torch.equal(shard.labels, files.labels[12:])
 

@@ -146,10 +146,15 @@ class FileSplit:
         for b in global_batches:
             lo, hi = ddp.my_bounds(b.shape[0])
             local.append(b[lo:hi].tolist())
-        return self._sharded(self._loader(local, seed), global_batches)
+        # the last, small batch may leave a rank without images (fewer than the processes)
+        return self._sharded(self._loader([part for part in local if part], seed), global_batches, local)
 
-    def _sharded(self, loader: DataLoader, global_batches: list[torch.Tensor]) -> Iterator[Batch]:
-        for (x, _, _), idx in zip(self._batches(loader), global_batches):
+    def _sharded(self, loader: DataLoader, global_batches: list[torch.Tensor],
+                 local: list[list[int]]) -> Iterator[Batch]:
+        decoded = self._batches(loader)
+        x = None
+        for idx, part in zip(global_batches, local):
+            x = next(decoded)[0] if part else x.new_zeros((0,) + tuple(x.shape[1:]))
             idx = idx.to(self.device, non_blocking=True)
             yield x, self.labels[idx], idx
 
