@@ -279,8 +279,8 @@ def make_train_state(p: Prepared, augment: BatchAugment, log: Optional[RunLog] =
                        batch_size=cfg.data.batch_size, n_classes=p.data.n_classes,
                        shuffle_generator=shuffle_gen, augment_generator=aug_gen,
                        after_step=project if (project and o.maxnorm_every == "step") else None,
-                       set_train_mode=set_train_mode, fast=p.fast, forward=forward)
-    state.project_every_epoch = project if (project and o.maxnorm_every == "epoch") else None
+                       set_train_mode=set_train_mode, fast=p.fast, forward=forward,
+                       project_every_epoch=project if (project and o.maxnorm_every == "epoch") else None)
     return state
 
 
