@@ -146,9 +146,9 @@ def test_batch_that_does_not_divide_is_refused(monkeypatch):
     monkeypatch.setattr(ddp, "_CONTEXT", ddp.Dist(rank=0, world_size=2, local_world_size=2, backend="gloo"))
     with pytest.raises(ConfigError, match=r"data.batch_size = 63 is the global batch and must divide by the 2 "
                                           r"processes .*use 62 or 64"):
-        ddp.check_global_batch(cfg, "first")
+        ddp.check_global_batch(cfg)
     cfg.data.batch_size = 64
-    ddp.check_global_batch(cfg, "first")
+    ddp.check_global_batch(cfg)
 
 
 def test_resume_command_repeats_the_torchrun_launch(monkeypatch):

@@ -140,9 +140,7 @@ class FileSplit:
         seed += ddp.context().rank  # each rank's random transforms differ
         if self.num_workers == 0:
             torch.manual_seed(seed)  # the transforms then draw from the main process's RNG
-        if not ddp.context().enabled:
-            return self._batches(self._loader([b.tolist() for b in global_batches], seed))
-        local = []
+        local = []  # this rank's part of each batch (one process: the whole batch)
         for b in global_batches:
             lo, hi = ddp.my_bounds(b.shape[0])
             local.append(b[lo:hi].tolist())
@@ -151,6 +149,7 @@ class FileSplit:
 
     def _sharded(self, loader: DataLoader, global_batches: list[torch.Tensor],
                  local: list[list[int]]) -> Iterator[Batch]:
+        """(this rank's decoded part, the global batch's labels and indices) per batch."""
         decoded = self._batches(loader)
         x = None
         for idx, part in zip(global_batches, local):

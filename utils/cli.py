@@ -100,7 +100,7 @@ def _main(stage: str, argv: Optional[Sequence[str]] = None) -> int:
         dist = ddp.setup(base.device)  # torchrun: one process group for every seed
         if dist.enabled:
             for cfg in configs:
-                ddp.check_global_batch(cfg, stage)
+                ddp.check_global_batch(cfg)
         from utils.checkpoint import plan_run
         resume = args.resume or base.load_checkpoint
         for cfg in configs:  # every seed's directory is checked before any work starts

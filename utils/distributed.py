@@ -116,7 +116,7 @@ def setup(device_name: str, timeout_s: float = 1800.0) -> Dist:
     return _CONTEXT
 
 
-def check_global_batch(cfg, stage: str) -> None:
+def check_global_batch(cfg) -> None:
     """``data.batch_size`` is the global batch: it must split evenly over the processes."""
     from utils.config import ConfigError
 
@@ -165,6 +165,11 @@ def chunk_bounds(n: int, world_size: int, rank: int) -> tuple[int, int]:
 def my_bounds(n: int) -> tuple[int, int]:
     c = _CONTEXT
     return chunk_bounds(n, c.world_size, c.rank) if c.enabled else (0, n)
+
+
+def my_shard(split):
+    """This rank's contiguous shard of an evaluation split (the split itself in one process)."""
+    return split.subset(*my_bounds(len(split))) if _CONTEXT.enabled else split
 
 
 def _padded(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -294,9 +299,9 @@ def wrap_ddp(model: nn.Module, device: torch.device, sync_bn: bool):
     With synchronised BatchNorm the running statistics are equal on every rank by
     construction and are not broadcast; without, rank 0's are broadcast before every
     forward so that evaluation sees one set of statistics."""
-    from torch.nn.parallel import DistributedDataParallel
-
     import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
     # the option's name changed in torch 2.14 (broadcast_buffers is deprecated there)

@@ -54,7 +54,7 @@ def extract_features(model, split, augment: BatchAugment, batch_size: int, hflip
     every rank returns the features of the whole split, in order."""
     fast = fast or FastPath(device_type=split.labels.device.type)
     labels, n = split.labels, len(split)
-    part = split.subset(*ddp.my_bounds(n)) if ddp.context().enabled else split
+    part = ddp.my_shard(split)
     was_training = model.training
     model.eval()
     plain, flipped = [], []

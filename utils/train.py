@@ -125,7 +125,7 @@ def evaluate(model: nn.Module, split, augment: BatchAugment, n_classes: int,
     fast = fast or FastPath(device_type=split.labels.device.type)
     n_total = len(split)
     labels = split.labels
-    split = split.subset(*ddp.my_bounds(n_total)) if ddp.context().enabled else split
+    split = ddp.my_shard(split)
     was_training = model.training
     model.eval()
     preds, feats = [], []
