@@ -35,7 +35,7 @@ def log_fdr(p: Prepared, writer, train: SplitTensors, val: SplitTensors, augment
     k = p.data.n_classes
     bs = p.cfg.data.eval_batch_size
     for name, split in (("train", train), ("val", val)):
-        result = evaluate(p.model, split, augment, k, bs, want_features=True, fast=p.fast, features_on_device=True)
+        result = evaluate(p.model, split, augment, k, bs, want_features=True, fast=p.fast)  # FDR: on the CPU
         writer.add_scalar(f"FDR/{name}", fisher_discriminant_ratio(result.features, split.labels, k), epoch)
 
 
