@@ -2,6 +2,7 @@
 
     python tests/dist_worker.py CONFIG STEPS OUT          # evaluate, then STEPS training steps of stage 1
     torchrun --nproc_per_node=2 tests/dist_worker.py ...  # the same over two processes
+    WB_FORCE_DISTRIBUTED=1 torchrun --nproc_per_node=1 tests/dist_worker.py ...  # one process, distributed code
 
 Rank 0 saves what it saw to OUT (torch.save of tensors only).  The code path is the
 library's own: ``prepare``, ``make_splits``, ``make_train_state``, ``train_one_epoch``,
@@ -30,7 +31,8 @@ def main(argv: list[str]) -> None:
     ddp.setup(cfg.device)
     p = prepare(cfg, "first")
     train, val, test, augment = make_splits(p.data, p.device)
-    out: dict = {"world_size": torch.tensor(ddp.context().world_size)}
+    out: dict = {"world_size": torch.tensor(ddp.context().world_size),
+                 "global_batch_bn": torch.tensor(sum(isinstance(m, ddp._GlobalBatchStats) for m in p.model.modules()))}
     # evaluation of the initial weights on the test split
     result = evaluate(p.model, test, augment, p.data.n_classes, cfg.data.eval_batch_size,
                       want_features=True, fast=p.fast)
@@ -39,6 +41,7 @@ def main(argv: list[str]) -> None:
                        plain=feats.plain.cpu(), flipped=feats.flipped.cpu(), n=torch.tensor(len(test)))
     # training steps
     state = make_train_state(p, augment)
+    out["ddp_forward"] = torch.tensor(state.forward is not None)
     out["initial"] = {k: v.detach().cpu().clone() for k, v in p.model.state_dict().items()}
     for group in state.optimizer.param_groups:
         group["lr"] = cfg.optim.base_lr
