@@ -1,10 +1,11 @@
 """Runs pieces of the pipeline in one process or under torchrun, for tests/test_distributed.py.
 
-    python tests/dist_worker.py CONFIG STEPS OUT          # evaluate, then STEPS training steps of stage 1
-    torchrun --nproc_per_node=2 tests/dist_worker.py ...  # the same over two processes
+    python tests/dist_worker.py STEPS CONFIG OUT [CONFIG OUT ...]          # per config: evaluate, then STEPS steps
+    torchrun --nproc_per_node=2 tests/dist_worker.py ...                   # the same over two processes
     WB_FORCE_DISTRIBUTED=1 torchrun --nproc_per_node=1 tests/dist_worker.py ...  # one process, distributed code
 
-Rank 0 saves what it saw to OUT (torch.save of tensors only).  The code path is the
+Several configs run one after another in the same process group (one launch, one start-up).
+Rank 0 saves what it saw to each OUT (torch.save of tensors only).  The code path is the
 library's own: ``prepare``, ``make_splits``, ``make_train_state``, ``train_one_epoch``,
 ``evaluate``, ``extract_features``.
 """
@@ -25,10 +26,8 @@ from utils.pipeline import make_train_state, prepare  # noqa: E402
 from utils.train import evaluate, train_one_epoch  # noqa: E402
 
 
-def main(argv: list[str]) -> None:
-    config, steps, path = argv[0], int(argv[1]), argv[2]
+def run(config: str, steps: int, path: str) -> None:
     cfg = resolve("first", config, {})
-    ddp.setup(cfg.device)
     p = prepare(cfg, "first")
     train, val, test, augment = make_splits(p.data, p.device)
     out: dict = {"world_size": torch.tensor(ddp.context().world_size),
@@ -50,6 +49,13 @@ def main(argv: list[str]) -> None:
                weights={k: v.detach().cpu().clone() for k, v in p.model.state_dict().items()})
     if ddp.context().is_main:
         torch.save(out, path)
+
+
+def main(argv: list[str]) -> None:
+    steps, pairs = int(argv[0]), argv[1:]
+    ddp.setup(resolve("first", pairs[0], {}).device)
+    for config, path in zip(pairs[::2], pairs[1::2]):
+        run(config, steps, path)
     ddp.teardown()
 
 

@@ -228,6 +228,24 @@ def test_fused_global_batchnorm_bookkeeping_matches_batchnorm(forced_group, monk
             assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
+def test_device_check_of_the_distributed_code_passes_on_cpu(monkeypatch, capsys):
+    """bench/dist_check.py (what a GPU runs with NCCL and the CUDA kernels) in its CPU mode."""
+    import importlib.util
+
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(ddp.FORCE_ENV, "1")
+    monkeypatch.setattr(ddp, "_FUSED_KERNELS", ddp._FUSED_KERNELS)  # restored after the check replaces them
+    spec = importlib.util.spec_from_file_location("dist_check", ROOT / "bench" / "dist_check.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    assert check.main(["--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert all(line.startswith("PASS") for line in lines)
+    assert sum("fused = composed" in line for line in lines) == 6 and any("collectives" in line for line in lines)
+    assert not ddp.context().enabled and not dist.is_initialized()
+
+
 def test_an_empty_evaluation_shard_gets_one_batch_of_no_rows(monkeypatch, tmp_path):
     from PIL import Image
     from torchvision.transforms import PILToTensor
@@ -354,16 +372,15 @@ def test_feature_and_file_batches_split_into_the_one_process_batch(monkeypatch, 
 
 @pytest.fixture(scope="module")
 def worker_runs(tmp_path_factory):
-    """tests/dist_worker.py (evaluate, then 6 training steps) with one process, with two, and
-    with two without synchronised BatchNorm (the control)."""
+    """tests/dist_worker.py (evaluate, then 6 training steps) with one process, with two, with two
+    without synchronised BatchNorm (the control), and with one forced through the distributed code."""
     tmp = tmp_path_factory.mktemp("ddp_worker")
     config = _config(tmp, "steps", optim={"base_lr": 0.05, "weight_decay": 5e-3})
     control = _config(tmp, "nosync", optim={"base_lr": 0.05, "weight_decay": 5e-3}, sync_bn=False)
     one, two, nosync, forced = (str(tmp / f) for f in ("one.pt", "two.pt", "nosync.pt", "forced.pt"))
-    _ok(_python([WORKER, config, "6", one]))
-    _ok(_torchrun([WORKER, config, "6", two]))
-    _ok(_torchrun([WORKER, control, "6", nosync]))
-    _ok(_torchrun([WORKER, config, "6", forced], nproc=1, env={ddp.FORCE_ENV: "1"}))
+    _ok(_python([WORKER, "6", config, one]))
+    _ok(_torchrun([WORKER, "6", config, two, control, nosync]))  # one launch, both configs
+    _ok(_torchrun([WORKER, "6", config, forced], nproc=1, env={ddp.FORCE_ENV: "1"}))
     return tuple(torch.load(p, weights_only=True) for p in (one, two, nosync, forced))
 
 

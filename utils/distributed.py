@@ -453,11 +453,11 @@ _FUSED_KERNELS = SimpleNamespace(stats=torch.batch_norm_stats, combine=torch.bat
                                  backward_elemt=torch.batch_norm_backward_elemt)
 
 
-def _kernel_layout(t: torch.Tensor) -> torch.Tensor:
-    """Contiguous or channels_last: the layouts the kernels take."""
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
-        return t
-    return t.contiguous()
+def _kernel_layout(t: torch.Tensor) -> torch.memory_format:
+    """The layout the kernels get ``t`` in: channels_last as it comes, else contiguous."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 class _FusedGlobalBatchNorm(torch.autograd.Function):
@@ -470,7 +470,8 @@ class _FusedGlobalBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float):  # type: ignore[override]
         k = _FUSED_KERNELS
-        x = _kernel_layout(x)
+        ctx.layout = _kernel_layout(x)
+        x = x.contiguous(memory_format=ctx.layout)
         channels = x.shape[1]
         count = x.numel() // channels
         stat_dtype = torch.promote_types(x.dtype, torch.float32)  # the kernels' accumulation type
@@ -506,7 +507,8 @@ class _FusedGlobalBatchNorm(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = None
         affine = weight is not None  # the kernel sizes both parameter gradients like weight
         if x.numel() > 0:
-            grad_out = _kernel_layout(grad_out)
+            # in x's layout: the channels_last backward kernel reads both in the layout of grad_out
+            grad_out = grad_out.contiguous(memory_format=ctx.layout)
             sum_dy, sum_dy_xmu, grad_weight, grad_bias = k.backward_reduce(
                 grad_out, x, mean, invstd, weight, needs_x, needs_weight and affine, needs_bias and affine)
         else:
