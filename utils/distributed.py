@@ -438,9 +438,10 @@ def _composed_global_batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor],
 # torch's SyncBatchNorm kernels (CUDA only).  Their contracts, as torch/nn/modules/_functions.py
 # uses them (C channels, statistics in float32 for bf16/fp16/fp32 input):
 #   stats(x, eps) -> (mean, invstd) of this rank's part, per channel;
-#   combine(x, means, invstds, running_mean, running_var, momentum, eps, counts) -> (mean, invstd)
-#       of the whole batch from every rank's W x C statistics and W counts (a parallel-variance
-#       combination, in rank order), updating the running statistics in place;
+#   combine(dtype_source, means, invstds, running_mean, running_var, momentum, eps, counts) -> (mean,
+#       invstd) of the whole batch from every rank's W x C statistics and W counts (a parallel-variance
+#       combination, in rank order), updating the running statistics in place (unbiased variance);
+#       the counts come in the running statistics' dtype, or without them in dtype_source's;
 #   normalize(x, weight, bias, mean, invstd, eps) -> (x - mean) * invstd * weight + bias, x's dtype;
 #   backward_reduce(dy, x, mean, invstd, weight, input_g, weight_g, bias_g)
 #       -> (sum dy, sum dy * (x - mean), grad weight, grad bias) over this rank's part;
@@ -487,9 +488,8 @@ class _FusedGlobalBatchNorm(torch.autograd.Function):
         gathered = _all_gather_stacked(local)  # W x (2C + 1)
         means, invstds = gathered[:, :channels], gathered[:, channels:2 * channels]
         counts = gathered[:, -1]
-        # The combining kernel reads the counts in the running statistics' dtype, or without them
-        # in its first argument's, which only selects that dtype: the float32 statistics, not a
-        # bf16 x (whose counts would round beyond 256).
+        # The statistics select the dtype of the counts when there are no running statistics (torch's
+        # SyncBatchNorm passes x, whose bf16 would round counts beyond 256).
         counts_dtype = running_mean.dtype if running_mean is not None else stat_dtype
         g_mean, g_invstd = k.combine(means, means, invstds, running_mean, running_var, momentum, eps,
                                      counts.to(counts_dtype))
