@@ -27,6 +27,12 @@ def test_fdr_drops_constant_dimensions():
     assert fisher_discriminant_ratio(x, y, 2) == pytest.approx(4.0, abs=1e-12)
 
 
+def test_fdr_without_within_class_scatter_is_zero():
+    # each class a single point: S_W vanishes, every dimension is dropped, the trace is empty
+    x = torch.tensor([[0., 1], [0, 1], [2, 3], [2, 3]])
+    assert fisher_discriminant_ratio(x, torch.tensor([0, 0, 1, 1]), 2) == 0.0
+
+
 def test_fdr_finite_when_fewer_samples_than_dimensions():
     torch.manual_seed(0)
     x = torch.randn(12, 40)
