@@ -1,9 +1,11 @@
 """Runs pieces of the pipeline in one process or under torchrun, for tests/test_distributed.py.
 
-    python tests/dist_worker.py CONFIG STEPS OUT          # evaluate, then STEPS training steps of stage 1
-    torchrun --nproc_per_node=2 tests/dist_worker.py ...  # the same over two processes
+    python tests/dist_worker.py STEPS CONFIG OUT [CONFIG OUT ...]          # per config: evaluate, then STEPS steps
+    torchrun --nproc_per_node=2 tests/dist_worker.py ...                   # the same over two processes
+    WB_FORCE_DISTRIBUTED=1 torchrun --nproc_per_node=1 tests/dist_worker.py ...  # one process, distributed code
 
-Rank 0 saves what it saw to OUT (torch.save of tensors only).  The code path is the
+Several configs run one after another in the same process group (one launch, one start-up).
+Rank 0 saves what it saw to each OUT (torch.save of tensors only).  The code path is the
 library's own: ``prepare``, ``make_splits``, ``make_train_state``, ``train_one_epoch``,
 ``evaluate``, ``extract_features``.
 """
@@ -24,13 +26,12 @@ from utils.pipeline import make_train_state, prepare  # noqa: E402
 from utils.train import evaluate, train_one_epoch  # noqa: E402
 
 
-def main(argv: list[str]) -> None:
-    config, steps, path = argv[0], int(argv[1]), argv[2]
+def run(config: str, steps: int, path: str) -> None:
     cfg = resolve("first", config, {})
-    ddp.setup(cfg.device)
     p = prepare(cfg, "first")
     train, val, test, augment = make_splits(p.data, p.device)
-    out: dict = {"world_size": torch.tensor(ddp.context().world_size)}
+    out: dict = {"world_size": torch.tensor(ddp.context().world_size),
+                 "global_batch_bn": torch.tensor(sum(isinstance(m, ddp._GlobalBatchStats) for m in p.model.modules()))}
     # evaluation of the initial weights on the test split
     result = evaluate(p.model, test, augment, p.data.n_classes, cfg.data.eval_batch_size,
                       want_features=True, fast=p.fast)
@@ -39,6 +40,7 @@ def main(argv: list[str]) -> None:
                        plain=feats.plain.cpu(), flipped=feats.flipped.cpu(), n=torch.tensor(len(test)))
     # training steps
     state = make_train_state(p, augment)
+    out["ddp_forward"] = torch.tensor(state.forward is not None)
     out["initial"] = {k: v.detach().cpu().clone() for k, v in p.model.state_dict().items()}
     for group in state.optimizer.param_groups:
         group["lr"] = cfg.optim.base_lr
@@ -47,6 +49,13 @@ def main(argv: list[str]) -> None:
                weights={k: v.detach().cpu().clone() for k, v in p.model.state_dict().items()})
     if ddp.context().is_main:
         torch.save(out, path)
+
+
+def main(argv: list[str]) -> None:
+    steps, pairs = int(argv[0]), argv[1:]
+    ddp.setup(resolve("first", pairs[0], {}).device)
+    for config, path in zip(pairs[::2], pairs[1::2]):
+        run(config, steps, path)
     ddp.teardown()
 
 

@@ -133,6 +133,7 @@ def test_imagenet_lt_lists_counts_groups_and_paths(tmp_path):
     lines = _make_imagenet(tmp_path)
     data = load_dataset("ImageNet", tmp_path, "exp", 0.01, 3)
     assert data.kind == "files" and data.in_channels == 3
+    assert data.input_size == (224, 224)  # what the transforms produce (the automatic evaluation batch's input)
     assert data.class_counts == [5, 3, 2]
     assert data.groups() == ["Few", "Few", "Few"]  # Many n > 100, Few n < 20
     assert (data.many_threshold, data.few_threshold) == (100, 20)
@@ -196,7 +197,7 @@ def test_file_split_batches_are_224_normalised_and_ordered(tmp_path):
     for xb, yb, ib in batches:
         assert xb.shape[1:] == (3, 224, 224)
         assert torch.equal(yb, data.train_labels[ib])
-    # the same seed gives the same random crops (workers seeded from the shuffle generator)
+    # the same seed gives the same random crops (each image seeded from the shuffle generator)
     again = list(train.epoch_batches(4, torch.Generator().manual_seed(3)))
     assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
 
@@ -435,6 +436,67 @@ def test_batch_count_matches_batch_slices(n, bs):
     from utils.train import batch_slices
 
     assert n_batches_of(n, bs) == len(batch_slices(n, bs, torch.Generator().manual_seed(0)))
+
+
+def _random_file_split(tmp_path: Path, num_workers: int, n: int = 11):
+    """A FileSplit of ``n`` small distinct images with random crops and flips."""
+    from torchvision import transforms as T
+    from utils.batches import FileSplit
+
+    paths = []
+    for i in range(n):
+        path = tmp_path / f"img{i}.png"
+        if not path.exists():
+            from PIL import Image
+            pixels = np.random.default_rng(i).integers(0, 256, (12, 10 + i, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(path)
+        paths.append(str(path))
+    train_tf = T.Compose([T.RandomResizedCrop(6, antialias=True), T.RandomHorizontalFlip(), T.PILToTensor()])
+    eval_tf = T.Compose([T.Resize(8, antialias=True), T.CenterCrop(6), T.PILToTensor()])
+    return FileSplit(paths, torch.arange(n) % 3, train_tf, [0.5] * 3, [0.25] * 3, torch.device("cpu"),
+                     num_workers, eval_transform=eval_tf)
+
+
+def _epochs(split, generator: torch.Generator, epochs: int) -> list[list[torch.Tensor]]:
+    return [[x for x, _, _ in split.epoch_batches(4, generator)] for _ in range(epochs)]
+
+
+def test_file_split_images_do_not_depend_on_the_worker_count_and_resume_exactly(tmp_path, monkeypatch):
+    import utils.batches as batches
+
+    built = []
+
+    class CountingLoader(batches.DataLoader):
+        def __init__(self, *args, **kwargs):
+            built.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(batches, "DataLoader", CountingLoader)
+    inline = _epochs(_random_file_split(tmp_path, 0), torch.Generator().manual_seed(7), 3)
+    workers = _random_file_split(tmp_path, 2)
+    two = _epochs(workers, torch.Generator().manual_seed(7), 3)
+    assert [len(e) for e in inline] == [3, 3, 3]  # 11 = 4 + 4 + 3
+    for a, b in zip(inline, two):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(inline[0][0], inline[1][0])  # the crops are random: epochs differ
+    # one training loader for every epoch, its workers kept between epochs
+    assert len(built) == 2 and built[1]["persistent_workers"] and built[1]["prefetch_factor"] > 0
+    # resume: the shuffle generator's state after epoch 1 (what the checkpoint holds) gives epochs 2 and 3
+    gen = torch.Generator().manual_seed(7)
+    _epochs(_random_file_split(tmp_path, 0), gen, 1)
+    resumed = _epochs(_random_file_split(tmp_path, 2), torch.Generator().set_state(gen.get_state()), 2)
+    for a, b in zip(inline[1:], resumed):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_file_split_evaluation_uses_the_eval_transform_and_one_loader(tmp_path):
+    split = _random_file_split(tmp_path, 0)
+    first = torch.cat([x for x, _, _ in split.eval_batches(4)])
+    again = torch.cat([x for x, _, _ in split.eval_batches(4)])
+    assert first.shape == (11, 3, 6, 6) and torch.equal(first, again)  # centre crops, not random ones
+    assert len(split._eval_loaders) == 1
+    assert split.subset(3, 7) is split.subset(3, 7)  # a rank's shard keeps its loader between evaluations
+    assert torch.equal(torch.cat([x for x, _, _ in split.subset(3, 7).eval_batches(4)]), first[3:7])
 
 
 def test_feature_split_batches_and_evaluate_dispatch():

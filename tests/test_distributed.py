@@ -21,6 +21,7 @@ import csv
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -43,16 +44,39 @@ LOSS_RTOL = 1e-5
 WEIGHT_TOL = 1e-3
 
 
-def _env() -> dict:
+def _env(**extra: str) -> dict:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MPLBACKEND="Agg", PYTHONWARNINGS="ignore")
+    env.update(OMP_NUM_THREADS="1", MPLBACKEND="Agg", PYTHONWARNINGS="ignore", **extra)
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback: no need for the host name to resolve
+    for name in (ddp.FORCE_ENV, "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        if name not in extra:
+            env.pop(name, None)
     return env
 
 
-def _torchrun(args: list[str], nproc: int = 2, timeout: int = 300, **kwargs):
+def _torchrun(args: list[str], nproc: int = 2, timeout: int = 300, env: dict | None = None, **kwargs):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout, **kwargs)
+    return subprocess.run(cmd, cwd=ROOT, env=_env(**(env or {})), capture_output=True, text=True, timeout=timeout,
+                          **kwargs)
+
+
+def _launch(args: list[str], nproc: int, timeout: int = 300) -> None:
+    """``nproc`` processes with torchrun's environment, started directly (no torchrun agent)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=_env(RANK=str(r), WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
+                                                  MASTER_PORT=str(port), LOCAL_RANK=str(r),
+                                                  LOCAL_WORLD_SIZE=str(nproc)))
+             for r in range(nproc)]
+    try:
+        outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    for rank, (proc, output) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, f"rank {rank}: {output[-3000:]}"
 
 
 def _python(args: list[str], timeout: int = 300):
@@ -126,6 +150,125 @@ def test_global_batch_batchnorm_keeps_types_keys_and_single_process_numbers():
     x = torch.randn(8, 1, 8, 8)
     model.train(), reference.train()
     assert torch.equal(model(x), reference(x))  # one process: the class's own forward
+
+
+@pytest.fixture
+def forced_group(monkeypatch):
+    """A process group of this one process (gloo, in-process store), as WB_FORCE_DISTRIBUTED=1
+    makes it without torchrun."""
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(ddp.FORCE_ENV, "1")
+    try:
+        yield ddp.setup("cpu")
+    finally:
+        ddp.teardown()
+
+
+def test_forced_single_process_group_runs_the_distributed_helpers(forced_group):
+    assert forced_group.enabled and forced_group.world_size == 1 and forced_group.backend == "gloo"
+    assert dist.is_initialized() and "forced by WB_FORCE_DISTRIBUTED=1" in forced_group.describe()
+    t = torch.arange(6.0).reshape(3, 2).requires_grad_()
+    gathered = ddp.gather_rows_autograd(t, 3)
+    assert gathered is not t and torch.equal(gathered, t)  # through the collective, not the identity
+    gathered.sum().backward()
+    assert torch.equal(t.grad, torch.ones(3, 2))
+    assert torch.equal(ddp.gather_rows(t.detach(), 3), t.detach()) and ddp.agree(5, "x") == 5
+
+
+def test_force_variable_takes_only_0_or_1(monkeypatch):
+    from utils.config import ConfigError
+
+    monkeypatch.setenv(ddp.FORCE_ENV, "yes")
+    with pytest.raises(ConfigError, match=r"WB_FORCE_DISTRIBUTED = 'yes'; use 1 .* or 0 / unset"):
+        ddp.setup("cpu")
+    monkeypatch.setenv(ddp.FORCE_ENV, "0")
+    assert not ddp.setup("cpu").enabled
+
+
+@pytest.mark.parametrize("make,shape,channels_last", [
+    (lambda: torch.nn.BatchNorm2d(6), (5, 6, 4, 3), False),
+    (lambda: torch.nn.BatchNorm2d(6), (5, 6, 4, 3), True),
+    (lambda: torch.nn.BatchNorm1d(7), (9, 7), False),
+])
+def test_fused_global_batchnorm_bookkeeping_matches_batchnorm(forced_group, monkeypatch, make, shape, channels_last):
+    """The fused path (tests/bn_kernels.py standing for the CUDA kernels) and the composed one,
+    against the module's own training-mode forward and backward: outputs, gradients of the input
+    and of the affine parameters, running statistics, the layout of the output."""
+    from tests.bn_kernels import KERNELS
+
+    monkeypatch.setattr(ddp, "_FUSED_KERNELS", KERNELS)
+    torch.manual_seed(1)
+    plain = make()
+    with torch.no_grad():
+        plain.weight.uniform_(0.5, 1.5)
+        plain.bias.uniform_(-1, 1)
+    x, dy = 3 * torch.randn(shape) + 1, torch.randn(shape)
+    if channels_last:
+        x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
+
+    def run(module, fused):
+        xi = x.clone().requires_grad_()
+        y = module(xi) if fused is None else module.global_batch_forward(xi, fused=fused)
+        (y * dy).sum().backward()
+        return y, xi.grad, module
+
+    ref_y, ref_dx, ref = run(plain, None)
+    for fused in (False, True):
+        module = make()  # fresh running statistics, the trained module's affine parameters
+        module.load_state_dict({**module.state_dict(), "weight": plain.weight.detach(), "bias": plain.bias.detach()})
+        ddp.convert_sync_batchnorm(module)
+        y, dx, module = run(module.train(), fused)
+        for got, want in ((y, ref_y), (dx, ref_dx), (module.weight.grad, ref.weight.grad),
+                          (module.bias.grad, ref.bias.grad), (module.running_mean, ref.running_mean),
+                          (module.running_var, ref.running_var)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert int(module.num_batches_tracked) == 1
+        if fused:  # a channels_last input goes to the kernels as it is
+            assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def test_device_check_of_the_distributed_code_passes_on_cpu(monkeypatch, capsys):
+    """bench/dist_check.py (what a GPU runs with NCCL and the CUDA kernels) in its CPU mode."""
+    import importlib.util
+
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(ddp.FORCE_ENV, "1")
+    monkeypatch.setattr(ddp, "_FUSED_KERNELS", ddp._FUSED_KERNELS)  # restored after the check replaces them
+    spec = importlib.util.spec_from_file_location("dist_check", ROOT / "bench" / "dist_check.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    assert check.main(["--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert all(line.startswith("PASS") for line in lines)
+    assert sum("fused = composed" in line for line in lines) == 6 and any("collectives" in line for line in lines)
+    assert not ddp.context().enabled and not dist.is_initialized()
+
+
+def test_an_empty_evaluation_shard_gets_one_batch_of_no_rows(monkeypatch, tmp_path):
+    from PIL import Image
+    from torchvision.transforms import PILToTensor
+    from utils.augment import BatchAugment
+    from utils.batches import FeatureSplit, FileSplit
+    from utils.train import SplitTensors, shard_eval_batches
+
+    paths = []
+    for i in range(2):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(np.full((5, 4, 3), 40 * i, dtype=np.uint8)).save(paths[-1])
+    splits = {(1, 8, 8): SplitTensors(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), torch.tensor([0, 1])),
+              (6,): FeatureSplit(torch.randn(2, 6), torch.tensor([0, 1])),
+              (3, 5, 4): FileSplit(paths, torch.tensor([0, 1]), PILToTensor(), [0.5] * 3, [0.5] * 3,
+                                   torch.device("cpu"), 0)}
+    augment = BatchAugment([0.5], [0.25], 0, False)
+    for rank, rows in ((0, 1), (2, 0)):  # 2 images over 3 ranks: 1 + 1 + 0
+        _as_rank(monkeypatch, rank, world=3)
+        for trailing, split in splits.items():
+            shard, batches = shard_eval_batches(split, augment, 4)
+            (x, y), = list(batches)
+            assert len(shard) == rows and x.shape == (rows,) + trailing and x.is_floating_point()
+            assert y.shape == (rows,) and y.dtype == torch.int64
 
 
 def test_follower_run_directory_writes_nothing(tmp_path):
@@ -229,22 +372,22 @@ def test_feature_and_file_batches_split_into_the_one_process_batch(monkeypatch, 
 
 @pytest.fixture(scope="module")
 def worker_runs(tmp_path_factory):
-    """tests/dist_worker.py (evaluate, then 6 training steps) with one process, with two, and
-    with two without synchronised BatchNorm (the control)."""
+    """tests/dist_worker.py (evaluate, then 6 training steps) with one process, with two, with two
+    without synchronised BatchNorm (the control), and with one forced through the distributed code."""
     tmp = tmp_path_factory.mktemp("ddp_worker")
     config = _config(tmp, "steps", optim={"base_lr": 0.05, "weight_decay": 5e-3})
     control = _config(tmp, "nosync", optim={"base_lr": 0.05, "weight_decay": 5e-3}, sync_bn=False)
-    one, two, nosync = (str(tmp / f) for f in ("one.pt", "two.pt", "nosync.pt"))
-    _ok(_python([WORKER, config, "6", one]))
-    _ok(_torchrun([WORKER, config, "6", two]))
-    _ok(_torchrun([WORKER, control, "6", nosync]))
-    return tuple(torch.load(p, weights_only=True) for p in (one, two, nosync))
+    one, two, nosync, forced = (str(tmp / f) for f in ("one.pt", "two.pt", "nosync.pt", "forced.pt"))
+    _ok(_python([WORKER, "6", config, one]))
+    _ok(_torchrun([WORKER, "6", config, two, control, nosync]))  # one launch, both configs
+    _ok(_torchrun([WORKER, "6", config, forced], nproc=1, env={ddp.FORCE_ENV: "1"}))
+    return tuple(torch.load(p, weights_only=True) for p in (one, two, nosync, forced))
 
 
 def test_training_steps_match_one_process_with_the_same_global_batch(worker_runs):
     # Digits-LT at imb_factor 0.05 has 341 training images: 5 batches of 64 and one of 21,
     # which the two ranks split 11 / 10 (the uneven path).
-    a, b, c = worker_runs
+    a, b, c, _ = worker_runs
     assert int(a["world_size"]) == 1 and int(b["world_size"]) == 2
     assert a["step_loss"].shape == (6,) and torch.isfinite(a["step_loss"]).all()
     torch.testing.assert_close(b["step_loss"], a["step_loss"], rtol=LOSS_RTOL, atol=0)
@@ -255,6 +398,37 @@ def test_training_steps_match_one_process_with_the_same_global_batch(worker_runs
     # the control: per-rank BatchNorm statistics are a different computation, and the tolerances see it
     assert (c["step_loss"][1:] - a["step_loss"][1:]).abs().max() / a["step_loss"].abs().max() > 10 * LOSS_RTOL
     assert _update_distance(a["weights"], c["weights"], a["initial"]) > 10 * WEIGHT_TOL
+
+
+def test_forced_one_process_launch_runs_the_distributed_code_with_the_plain_numbers(worker_runs):
+    """WB_FORCE_DISTRIBUTED=1 torchrun --nproc_per_node=1: DDP, global-batch BatchNorm, the
+    gathers and sharded evaluation run, and give the plain run's numbers."""
+    plain, forced = worker_runs[0], worker_runs[3]
+    assert int(forced["world_size"]) == 1 and bool(forced["ddp_forward"]) and int(forced["global_batch_bn"]) > 0
+    assert not bool(plain["ddp_forward"]) and int(plain["global_batch_bn"]) == 0
+    torch.testing.assert_close(forced["step_loss"], plain["step_loss"], rtol=LOSS_RTOL, atol=0)
+    assert torch.equal(forced["correct"], plain["correct"])
+    assert _update_distance(plain["weights"], forced["weights"], plain["initial"]) < WEIGHT_TOL
+    assert torch.equal(forced["eval"]["counts"], plain["eval"]["counts"])
+
+
+def test_global_batchnorm_and_evaluation_with_a_rank_that_gets_nothing(tmp_path):
+    """Three processes: a BatchNorm batch of 2 rows (1 + 1 + 0) and a test split of 2 images
+    (the third rank's shard is empty), with both BatchNorm implementations (tests/shard_worker.py)."""
+    out = tmp_path / "shard.pt"
+    _launch([str(ROOT / "tests" / "shard_worker.py"), str(out)], nproc=3)
+    r = torch.load(out, weights_only=True)
+    assert int(r["world_size"]) == 3
+    for case in ("bn2d", "bn2d_7", "bn1d", "one_param"):
+        reference = r[case]["reference"]
+        for path in ("composed", "fused"):
+            for key, want in reference.items():
+                torch.testing.assert_close(r[case][path][key], want, rtol=1e-5, atol=1e-5,
+                                           msg=lambda m: f"{case} {path} {key}: {m}")
+    e, ref = r["eval"], r["eval_reference"]
+    assert int(e["counts"].sum()) == 2 and torch.equal(e["preds"], ref["preds"])
+    for got, want in ((e["features"], ref["plain"]), (e["plain"], ref["plain"]), (e["flipped"], ref["flipped"])):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_distributed_evaluation_counts_every_test_image_once(worker_runs):

@@ -52,8 +52,10 @@ class DataConfig:
     # --- keys of this project (defaults keep the original's behaviour) ---
     root: str = _f("datasets", "data root folder (downloads land here)")
     download: bool = _f(True, "download CIFAR with torchvision when absent")
-    eval_batch_size: int = _f(0, "batch size for evaluation passes (0 = auto: 1024 on CUDA, 64 on CPU, "
-                              "where small batches stay in cache and run 1.4x faster)", check="ge0")
+    eval_batch_size: int = _f(0, "batch size for evaluation passes, per process (0 = auto: on CUDA the largest "
+                              "power of two <= 1024 x 64 x 64 / input pixels, at most 1024: 1024 for CIFAR, 64 at "
+                              "224 x 224; on CPU 64, where small batches stay in cache and run 1.4x faster)",
+                              check="ge0")
     num_workers: int = _f(4, "DataLoader workers decoding image files (ImageNet, MiniImagenet; 0 = in the main process)",
                           check="ge0")
     helena_counts: str = _f("all", "Helena class sizes (groups, prior, CB weights): all = whole file as the original, "

@@ -119,6 +119,7 @@ class LTData:
     test_files: Optional[list[str]] = None
     train_transform: Optional[Callable] = None  # PIL image -> uint8 C x H x W tensor
     eval_transform: Optional[Callable] = None
+    image_size: Optional[tuple[int, int]] = None  # image-file datasets: (H, W) their transforms produce
 
     @property
     def n_classes(self) -> int:
@@ -135,6 +136,13 @@ class LTData:
     def in_channels(self) -> int:
         """Image channels; for a feature table, the number of features."""
         return 3 if self.train_images is None else int(self.train_images.shape[1])
+
+    @property
+    def input_size(self) -> Optional[tuple[int, int]]:
+        """(H, W) of the images the network sees; None for a feature table."""
+        if self.kind == "images":
+            return (int(self.train_images.shape[2]), int(self.train_images.shape[3]))
+        return self.image_size if self.kind == "files" else None
 
     def groups(self) -> list[str]:
         """Per class: "Many" (n_c > many_threshold), "Few" (n_c < few_threshold) or "Medium"."""

@@ -22,7 +22,7 @@ from utils.metrics import (GROUPS, confusion_counts, fisher_discriminant_ratio, 
                            per_class_accuracy)
 from utils.records import class_mean
 from utils.rundir import ACC_FILE, CONFMAT_FILE, FDR_FILE, PER_CLASS_FILE, SPARSITY_FILE, RunDir
-from utils.train import SplitTensors, eval_batches, evaluate
+from utils.train import SplitTensors, evaluate, shard_eval_batches
 
 if TYPE_CHECKING:  # pragma: no cover
     from utils.pipeline import Prepared, RunLog
@@ -35,7 +35,7 @@ def log_fdr(p: Prepared, writer, train: SplitTensors, val: SplitTensors, augment
     k = p.data.n_classes
     bs = p.cfg.data.eval_batch_size
     for name, split in (("train", train), ("val", val)):
-        result = evaluate(p.model, split, augment, k, bs, want_features=True, fast=p.fast, features_on_device=True)
+        result = evaluate(p.model, split, augment, k, bs, want_features=True, fast=p.fast)  # FDR: on the CPU
         writer.add_scalar(f"FDR/{name}", fisher_discriminant_ratio(result.features, split.labels, k), epoch)
 
 
@@ -54,11 +54,11 @@ def extract_features(model, split, augment: BatchAugment, batch_size: int, hflip
     every rank returns the features of the whole split, in order."""
     fast = fast or FastPath(device_type=split.labels.device.type)
     labels, n = split.labels, len(split)
-    part = ddp.my_shard(split)
+    _, batches = shard_eval_batches(split, augment, batch_size)
     was_training = model.training
     model.eval()
     plain, flipped = [], []
-    for x, _ in eval_batches(part, augment, batch_size):
+    for x, _ in batches:
         with fast.autocast():
             plain.append(model.features(fast.layout(x)).float())
             if hflip:

@@ -58,6 +58,7 @@ from utils.errors import DataError
 __all__ = ["load_extra_dataset", "IMAGENET_MEAN", "IMAGENET_STD", "HELENA_MEAN", "HELENA_STD",
            "MNIST_MEAN", "MNIST_STD", "imagenet_transforms"]
 
+IMAGE_SIZE = 224  # the side of the crops the image-file datasets' transforms produce
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MNIST_MEAN = (0.1301,)
@@ -106,11 +107,11 @@ def imagenet_transforms(color_jitter: bool):
     """
     from torchvision import transforms as T
 
-    train = [T.RandomResizedCrop(224), T.RandomHorizontalFlip()]
+    train = [T.RandomResizedCrop(IMAGE_SIZE), T.RandomHorizontalFlip()]
     if color_jitter:
         train.append(T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0))
     train.append(T.PILToTensor())
-    evaluation = [T.Resize(256), T.CenterCrop(224), T.PILToTensor()]
+    evaluation = [T.Resize(256), T.CenterCrop(IMAGE_SIZE), T.PILToTensor()]
     return T.Compose(train), T.Compose(evaluation)
 
 
@@ -180,7 +181,7 @@ def _file_dataset(name: str, files: dict, labels: dict, class_names: list[str], 
         many_threshold=100, few_threshold=20,
         crop_padding=0, hflip=False,  # the transforms above do the augmentation
         train_files=files["train"], val_files=files["val"], test_files=files["test"],
-        train_transform=train_tf, eval_transform=eval_tf,
+        train_transform=train_tf, eval_transform=eval_tf, image_size=(IMAGE_SIZE, IMAGE_SIZE),
     )
 
 

@@ -60,6 +60,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def use_device(name: str) -> torch.device:
+    """:func:`resolve_device`, and ``cuda:N`` made the current CUDA device, so that kernels,
+    NCCL and ``torch.cuda.*`` calls without a device argument also go to GPU N."""
+    device = resolve_device(name)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    return device
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))
@@ -129,16 +138,16 @@ class Prepared:
 
 def prepare(cfg: Config, stage: str) -> Prepared:
     """Everything that can fail on bad input, before anything is written."""
-    device = resolve_device(cfg.device)
+    device = use_device(cfg.device)
     torch.set_num_threads(resolve_threads(cfg.num_threads))
     if device.type == "cpu":
         keep_freed_memory()
-    # resolved once, here, so every evaluation pass and args.json see the same number
-    cfg.data.eval_batch_size = resolve_eval_batch_size(cfg.data.eval_batch_size, device)
     seed_everything(cfg.seeds)
     stage1 = read_stage1(cfg) if (stage == "second" and cfg.model.is_pretrained) else None
     data = load_dataset(cfg.data.name, cfg.data.root, cfg.data.imb_type, cfg.data.imb_factor,
                         cfg.data.n_classes, download=cfg.data.download, helena_counts=cfg.data.helena_counts)
+    # resolved once, here, so every evaluation pass and args.json see the same number
+    cfg.data.eval_batch_size = resolve_eval_batch_size(cfg.data.eval_batch_size, device, data.input_size)
     model = make_model(cfg, data)
     init_classifier_bias(cfg, model)  # sigmoid losses: -log(K-1); stage-1 weights loaded below win
     if stage1 is not None:
@@ -175,6 +184,8 @@ def run(cfg: Config, stage: str, exp_root: str | Path = "exp", resume: Optional[
             print(plan.note, flush=True)
         return plan.path
     apply_determinism(cfg.deterministic)
+    if cfg.compile != "off":
+        torch.compiler.reset()  # each seed compiles afresh: no graph, guard or CUDA graph of the previous one
     p = prepare(cfg, stage)
     rundir = open_run(plan, exp_root, cfg) if dist.is_main else FollowerRunDir(plan.path)
     ddp.barrier()

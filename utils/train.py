@@ -20,7 +20,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from utils.accel import FastPath
+from utils.accel import _CUDAGRAPH_MODES, FastPath
 from utils.augment import BatchAugment
 from utils import distributed as ddp
 from utils.errors import DataError
@@ -99,6 +99,19 @@ def eval_batches(split, augment: BatchAugment, batch_size: int):
             yield x, y
 
 
+def shard_eval_batches(split, augment: BatchAugment, batch_size: int):
+    """(this rank's shard of the split, its (x, y) batches in order): the whole split in one process.
+
+    A rank whose shard is empty (a split smaller than the number of processes) gets one
+    batch of no rows, cut from the split's first image, so that its outputs still have the
+    feature size and dtype that the gathers pad to."""
+    shard = ddp.my_shard(split)
+    if len(shard) > 0 or len(split) == 0:
+        return shard, eval_batches(shard, augment, batch_size)
+    x, y = next(eval_batches(split.subset(0, 1), augment, 1))
+    return shard, iter([(x[:0], y[:0])])
+
+
 @dataclass
 class EvalResult:
     counts: torch.Tensor                      # K x K confusion counts (cpu)
@@ -125,11 +138,11 @@ def evaluate(model: nn.Module, split, augment: BatchAugment, n_classes: int,
     fast = fast or FastPath(device_type=split.labels.device.type)
     n_total = len(split)
     labels = split.labels
-    split = ddp.my_shard(split)
+    split, batches = shard_eval_batches(split, augment, batch_size)
     was_training = model.training
     model.eval()
     preds, feats = [], []
-    for x, _ in eval_batches(split, augment, batch_size):
+    for x, _ in batches:
         with fast.autocast():
             h, logits = fast.forward(model, x)
         preds.append(logits.argmax(dim=1))
@@ -215,6 +228,8 @@ def train_one_epoch(model: nn.Module, split, state: TrainState, epoch: int,
     for step, (x, y, idx) in enumerate(batches, start=1):
         with fast.autocast():
             if state.forward is not None:
+                if fast.compile_mode in _CUDAGRAPH_MODES and fast.device_type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()  # as FastPath.forward: CUDA graphs reuse outputs
                 h, logits = state.forward(fast.layout(x))
                 # the loss of the global batch, from every rank's outputs (utils/distributed.py)
                 h, logits = ddp.gather_rows_autograd(h, y.shape[0]), ddp.gather_rows_autograd(logits, y.shape[0])
