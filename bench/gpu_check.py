@@ -113,6 +113,9 @@ DIST_EPOCH_RTOL = 2e-2
 TARGET_TRAIN_IPS = 15_000
 TARGET_STAGE1_S = 180.0  # 320 epochs with per-epoch validation
 TARGET_A_OVER_B = 4.0    # epoch time, B over A
+# Every row ends by --budget-s + this: 420 + 120 s leaves a 600 s device call a minute for
+# the start-up and the output.
+HARD_STOP_AFTER_BUDGET_S = 120.0
 
 
 # ---------------------------------------------------------------------------
@@ -322,7 +325,13 @@ def run_row(ctx: Context, spec: RowSpec) -> Row:
     if spec.optional and left < spec.expected_s:
         return Row(spec.name, "SKIP", f"budget: {left:.0f} s of --budget-s {ctx.budget_s:.0f} left, "
                                       f"the row needs ~{spec.expected_s:.0f} s")
-    limit = spec.limit_s(ctx.quick)
+    # past the budget, rows still run but all end by the hard stop (so a 10-minute device call
+    # keeps its summary), after which the rest SKIP
+    hard_left = ctx.budget_s + HARD_STOP_AFTER_BUDGET_S - ctx.elapsed()
+    if hard_left < 5:
+        return Row(spec.name, "SKIP", f"out of time: {ctx.elapsed():.0f} s, past --budget-s "
+                                      f"{ctx.budget_s:.0f} + {HARD_STOP_AFTER_BUDGET_S:.0f} s")
+    limit = min(spec.limit_s(ctx.quick), hard_left)
     ctx.log(f"\n===== {spec.name} (limit {limit:.0f} s) =====")
     t0 = time.monotonic()
     ctx.row_deadline = t0 + limit
@@ -480,11 +489,11 @@ def write_synthetic_cifar100(root: Path, train_per_class: int, test_per_class: i
     rows (channel-major 32 x 32), b"fine_labels", b"fine_label_names".  Each class has a
     colour pattern of 4 x 4 blocks; images are that pattern plus uniform noise."""
     rng = np.random.default_rng(seed)
-    patterns = rng.integers(0, 256, (100, 3, 4, 4)).repeat(8, axis=2).repeat(8, axis=3)
+    patterns = rng.integers(0, 256, (100, 3, 4, 4), dtype=np.int16).repeat(8, axis=2).repeat(8, axis=3)
 
     def images(labels: np.ndarray) -> np.ndarray:
-        noise = rng.integers(-80, 81, (len(labels), 3, 32, 32))
-        return np.clip(patterns[labels] + noise, 0, 255).astype(np.uint8).reshape(len(labels), 3072)
+        noisy = patterns[labels] + rng.integers(-80, 81, (len(labels), 3, 32, 32), dtype=np.int16)
+        return np.clip(noisy, 0, 255).astype(np.uint8).reshape(len(labels), 3072)
 
     folder = root / "cifar-100-python"
     folder.mkdir(parents=True, exist_ok=True)
@@ -867,6 +876,13 @@ def summary_markdown(rows: list[Row], ctx: Context, command: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def write_outputs(out: Path, rows: list[Row], ctx: Context, command: str) -> None:
+    """summary.md and figures.json, rewritten after every row: a run cut short keeps what it did."""
+    (out / "summary.md").write_text(summary_markdown(rows, ctx, command))
+    figures = {**ctx.figures, "rows": [vars(r) for r in rows], "seconds": ctx.elapsed()}
+    (out / "figures.json").write_text(json.dumps(figures, indent=1, default=str))
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -922,15 +938,11 @@ def main(argv=None) -> int:
             row = run_row(ctx, spec)
             rows.append(row)
             print(f"[{ctx.elapsed():6.1f} s] {row.status:4s} {row.name}: {row.figure}", flush=True)
+            write_outputs(out, rows, ctx, command)
     finally:
         if not args.keep_work and not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    lines = table_lines(rows)
-    print("\n" + "\n".join(lines), flush=True)
-    (out / "summary.md").write_text(summary_markdown(rows, ctx, command))
-    ctx.figures["rows"] = [vars(r) for r in rows]
-    ctx.figures["seconds"] = ctx.elapsed()
-    (out / "figures.json").write_text(json.dumps(ctx.figures, indent=1, default=str))
+    print("\n" + "\n".join(table_lines(rows)), flush=True)
     failed = sum(r.status == "FAIL" for r in rows)
     print(f"\n{len(rows)} checks, {failed} FAIL, {ctx.elapsed():.0f} s; summary.md, gpu_check.log and figures.json "
           f"in {out}", flush=True)
