@@ -15,9 +15,10 @@ the runs and the data live in ``--work`` (a temporary folder, removed at the end
 unless ``--keep-work``).
 
 ``--quick`` shrinks every row (30 images per class, exp imbalance 0.1, a BNMLP or a
-ResNet18 at batch 16, an epoch or two) so the script cannot rot; rows that need CUDA
-(resume on another device, host syncs, NCCL, compile, the speed targets) report SKIP
-with the reason.
+BNLeNet5 instead of the ResNets, an epoch or two, one CPU thread) so the script cannot
+rot: torchrun then forces a gloo group instead of NCCL, and the rows that need CUDA
+(host syncs, resume on another device, compile) report SKIP with the reason, as the
+speed targets do beside the CPU figure.
 
 GPU budget: expected seconds of each row on one H200, eager ResNet34 at batch 64 on
 CIFAR-100-LT size (10,457 training images, 164 steps an epoch) unless said otherwise.
