@@ -22,7 +22,7 @@ speed targets do beside the CPU figure.
 
 GPU budget: expected seconds of each row on one H200, eager ResNet34 at batch 64 on
 CIFAR-100-LT size (10,457 training images, 164 steps an epoch) unless said otherwise.
-The rows that always run sum to about 285 s; compile is the most uncertain figure
+The rows that always run sum to 270 s; compile is the most uncertain figure
 (40-150 s per mode), so the compile rows come last and report SKIP when less of
 ``--budget-s`` (default 420) is left than they are expected to need.
 

@@ -88,3 +88,12 @@ def test_bad_device_is_one_line_and_exit_2(argv, message, capsys, tmp_path):
     assert gpu_check.main([*argv, "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.strip().startswith(message)
     assert not (tmp_path / "o").exists()  # nothing written
+
+
+def test_the_gpu_plan_fits_in_eight_minutes():
+    """The expected H200 seconds (the script's docstring): the rows that always run plus one
+    compile row within the default budget, which leaves the device call time to spare."""
+    always = sum(spec.expected_s for spec in gpu_check.ROWS if not spec.optional)
+    first_optional = next(spec.expected_s for spec in gpu_check.ROWS if spec.optional)
+    assert f"sum to {always:.0f} s" in gpu_check.__doc__
+    assert always + first_optional <= 420 < 8 * 60
