@@ -288,8 +288,8 @@ class FeaturesAndLogits(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor):
-        h = self.model.features(x)
-        return h, self.model.classify(h)
+        from utils.accel import features_and_logits  # the classifier in fp32, as FastPath.forward does
+        return features_and_logits(self.model, x)
 
 
 def wrap_ddp(model: nn.Module, device: torch.device, sync_bn: bool):

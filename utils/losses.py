@@ -76,27 +76,29 @@ def dot_regression(logits: torch.Tensor, labels: torch.Tensor, features: torch.T
     return per_sample.mean()
 
 
-def nc_terms(labels: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def nc_terms(labels: torch.Tensor, features: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The two feature terms of the NC loss on a mini-batch (before lambda1 / lambda2).
 
     within = sum_i ||h_i - mu_{y_i}||^2 / m_{y_i}   (batch class means mu_c and counts m_c)
     angle  = mean over the classes present in the batch of min_{c' != c} arccos(cos(mu_c, mu_c') - 0.01)
     The angle term is 0 when fewer than two classes (with a non-zero mean) are present.
+
+    Written on fixed K x K shapes with masks (classes absent from the batch have mean 0 and
+    are masked out), so that no step waits for the device to learn which classes are present.
     """
     h = features.float()
-    k = int(labels.max()) + 1
-    counts = torch.bincount(labels, minlength=k).to(h.dtype)
-    sums = torch.zeros(k, h.shape[1], dtype=h.dtype, device=h.device).index_add(0, labels, h)
+    counts = torch.zeros(n_classes, dtype=h.dtype, device=h.device).index_add_(0, labels, torch.ones_like(h[:, 0]))
+    sums = torch.zeros(n_classes, h.shape[1], dtype=h.dtype, device=h.device).index_add(0, labels, h)
     means = sums / counts.clamp_min(1).unsqueeze(1)
     within = ((h - means[labels]).pow(2).sum(dim=1) / counts[labels]).sum()
     norms = means.norm(dim=1)
     present = (counts > 0) & (norms > 0)
-    if int(present.sum()) < 2:
-        return within, h.new_zeros(())
-    unit = means[present] / norms[present].unsqueeze(1)
+    unit = means / torch.where(present, norms, torch.ones_like(norms)).unsqueeze(1)
     cos = unit @ unit.t()
     # cos - 0.01 keeps arccos away from its infinite slope at 1; the clamp only guards cos ~ -1.
     angles = torch.arccos((cos - 0.01).clamp(min=-1.0 + 1e-6))
-    eye = torch.eye(angles.shape[0], dtype=torch.bool, device=angles.device)
-    angles = angles.masked_fill(eye, math.inf)
-    return within, angles.min(dim=1).values.mean()
+    others = present.unsqueeze(0) & ~torch.eye(n_classes, dtype=torch.bool, device=h.device)
+    nearest = angles.masked_fill(~others, math.inf).min(dim=1).values
+    n_present = present.sum()
+    mean_nearest = torch.where(present, nearest, torch.zeros_like(nearest)).sum() / n_present.clamp_min(1)
+    return within, torch.where(n_present >= 2, mean_nearest, torch.zeros_like(mean_nearest))

@@ -14,6 +14,14 @@ def weight_decay_penalty(params: Iterable[torch.Tensor]) -> torch.Tensor:
     return 0.5 * torch.stack([p.pow(2).sum() for p in params]).sum()
 
 
+@torch.no_grad()
+def weight_decay_penalty_value(params: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The value of :func:`weight_decay_penalty`, without a graph, in a few multi-tensor
+    kernels (``torch._foreach_norm``, present in every supported torch) instead of two
+    kernels per tensor forward and more backward.  Equal to float32 rounding."""
+    return 0.5 * torch.stack(torch._foreach_norm(list(params))).pow(2).sum()
+
+
 def feature_penalty(features: torch.Tensor) -> torch.Tensor:
     """mean over the batch of ||h_i||^2 / 2."""
     return 0.5 * features.float().pow(2).sum(dim=1).mean()
