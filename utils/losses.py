@@ -19,6 +19,12 @@ def class_balanced_weights(class_counts: Sequence[int], beta: float) -> torch.Te
     return weights.float()
 
 
+def one_hot_like(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Targets [c = y_i] in the logits' shape and dtype.  A scatter rather than F.one_hot, whose
+    CPU version reads the labels' min and max back (a host read in every step)."""
+    return torch.zeros_like(logits).scatter_(1, labels.unsqueeze(1), 1.0)
+
+
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels)
 
@@ -38,7 +44,7 @@ def sigmoid_bias_init(n_classes: int) -> float:
 def class_balanced_sigmoid(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """mean_i w_{y_i} * sum_c BCE(z_ic, [c = y_i]) (one-hot targets, summed over classes)."""
     logits = logits.float()
-    one_hot = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+    one_hot = one_hot_like(logits, labels)
     bce = F.binary_cross_entropy_with_logits(logits, one_hot, reduction="none").sum(dim=1)
     return (weights[labels] * bce).mean()
 
@@ -49,7 +55,7 @@ def class_balanced_focal(logits: torch.Tensor, labels: torch.Tensor, weights: to
     m = (1 - p_t)^gamma written in the numerically stable form
     exp(-gamma * y * z - gamma * log(1 + exp(-z))) (log(1 + exp(-z)) as softplus(-z))."""
     logits = logits.float()
-    one_hot = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+    one_hot = one_hot_like(logits, labels)
     bce = F.binary_cross_entropy_with_logits(logits, one_hot, reduction="none")
     modulator = torch.exp(-gamma * one_hot * logits - gamma * F.softplus(-logits))
     return (weights[labels] * (modulator * bce).sum(dim=1)).mean()
