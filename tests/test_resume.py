@@ -395,3 +395,80 @@ def test_pending_best_weights_are_promoted_or_discarded(tmp_path):
     (tmp_path / ".best.epoch6.pending").write_text("epoch 6")
     _settle_best(rundir, {"epoch": 5, "best_epoch": 4})
     assert (tmp_path / "best.paramOnly").read_text() == "epoch 4" and not list(tmp_path.glob(".best.*"))
+
+
+# ---------------------------------------------------------------------------
+# Resuming on another device or memory layout (in-process)
+# ---------------------------------------------------------------------------
+
+def _crash_in_epoch(monkeypatch, epoch: int) -> None:
+    import utils.pipeline as pipeline
+    real = pipeline.train_one_epoch
+
+    def train_one_epoch(model, split, state, e, total, *args, **kwargs):
+        if e == epoch:
+            raise SystemExit("simulated crash")
+        return real(model, split, state, e, total, *args, **kwargs)
+    monkeypatch.setattr(pipeline, "train_one_epoch", train_one_epoch)
+
+
+@pytest.fixture(scope="module")
+def moved(tmp_path_factory):
+    """An uninterrupted 3-epoch run with fused SGD, and the same run crashed in epoch 2 (its
+    checkpoint: epoch 1, contiguous layout), copied twice for the resume tests below.  (The
+    last epoch runs at learning rate 0, so two epochs would not show the momentum.)"""
+    import shutil
+    cwd = tmp_path_factory.mktemp("moved")
+    (cwd / "cfg.json").write_text(json.dumps(_config(total_epoch_num=3, sgd_impl="fused")))
+    args = ["--json_path", str(cwd / "cfg.json"), "--memory_format", "contiguous", "--num_threads", "1"]
+    assert main("first", args + ["--exp_root", str(cwd / "ref")]) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        _crash_in_epoch(mp, 2)
+        with pytest.raises(SystemExit):
+            main("first", args + ["--exp_root", str(cwd / "crashed")])
+    for name in ("moved", "cuda_generator"):
+        shutil.copytree(cwd / "crashed", cwd / name)
+    return cwd
+
+
+def test_resume_on_another_device_and_memory_format_gives_the_uninterrupted_numbers(moved):
+    """A checkpoint written on a GPU holds each device's RNG state: the CPU ignores them (training
+    draws only from the CPU generators).  Momentum buffers saved in the contiguous layout are
+    re-laid for channels_last weights (CPU fused SGD silently computes nonsense when a buffer's
+    strides differ from its weight's; test_engine_units.py shows the step itself is then exact).
+
+    channels_last convolutions round differently, and these tiny, fast-moving runs amplify it:
+    epoch 2's loss moved by 1.0e-3 (relative) against the uninterrupted run, and by 2.2e-2
+    without the re-laid buffers.  We allow 5e-3."""
+    run = moved / "moved" / RUN
+    ckpt = read_checkpoint(run / "checkpoint.ckpt")
+    assert ckpt["epoch"] == 1
+    ckpt["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]
+    torch.save(ckpt, run / "checkpoint.ckpt")
+    assert main("first", ["--json_path", str(moved / "cfg.json"), "--exp_root", str(moved / "moved"),
+                          "--memory_format", "channels_last", "--num_threads", "1", "--resume"]) == 0
+    assert "memory format channels_last" in (run / "train.log").read_text()
+    ref, got = _metrics_without_seconds(moved / "ref" / RUN), _metrics_without_seconds(run)
+    assert got[:2] == ref[:2], "epoch 1 comes from the checkpoint"
+    header = ref[0]
+    for row in (2, 3):
+        for name, tolerance in (("train_loss", {"rel": 5e-3}), ("train_ce", {"rel": 5e-3}), ("val_acc", {"abs": 0.02})):
+            col = header.index(name)
+            assert float(got[row][col]) == pytest.approx(float(ref[row][col]), **tolerance), (row, name)
+
+
+def test_checkpoint_with_a_cuda_generator_state_is_refused_in_one_line(moved, capsys):
+    root = moved / "cuda_generator"
+    run = root / RUN
+    ckpt = read_checkpoint(run / "checkpoint.ckpt")
+    assert ckpt["rng"]["generators"]["augment"].numel() == torch.Generator().get_state().numel()
+    ckpt["rng"]["generators"]["augment"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA Philox seed + offset
+    torch.save(ckpt, run / "checkpoint.ckpt")
+    before = _snapshot(root)
+    capsys.readouterr()
+    assert main("first", ["--json_path", str(moved / "cfg.json"), "--exp_root", str(root), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    assert "its augment generator state (16 bytes) is not a CPU generator's (5056 bytes)" in err
+    assert "--overwrite" in err
+    assert _snapshot(root) == before, "nothing written"
