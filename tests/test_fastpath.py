@@ -282,6 +282,11 @@ def test_max_steps_and_record():
     assert len(losses) == 2
     assert out["record"]["train_loss"] == pytest.approx(sum(losses) / 2, rel=1e-6)
     assert int(out["correct"].shape[0]) == N
+    assert out["images"] == 2 * BS and "images" not in out["record"]  # trained images (not a metrics.csv column)
+    data = _data()
+    for n, trained in ((63, 63), (49, 48)):  # a short last batch counts; a last batch of one is dropped
+        split = SplitTensors(data.images[:n], data.labels[:n])
+        assert train_one_epoch(model, split, state, 1, 1, show_progress=False)["images"] == trained
 
 
 def test_evaluate_fast_path_features():

@@ -293,6 +293,10 @@ def test_checkpoint_contents_and_overwrite(in_tmp, write_json, capsys):
             "best_log"} <= set(ckpt)
     assert set(ckpt["rng"]) >= {"python", "numpy", "torch", "generators"}
     assert set(ckpt["rng"]["generators"]) == {"shuffle", "augment"}
+    cpu_state = torch.Generator().get_state().numel()  # both are CPU generators, whatever the device
+    assert [g.numel() for g in ckpt["rng"]["generators"].values()] == [cpu_state, cpu_state]
+    assert "precision fp32 (auto: CPU), memory format contiguous (auto: CPU), compile off" in \
+        (run / "train.log").read_text()
     assert ckpt["optimizer"]["state"], "SGD momentum buffers are saved"
     assert ckpt["config"]["optim"]["total_epoch_num"] == 1 and len(ckpt["records"]) == 1
     assert json.loads((run / "args.json").read_text())["load_checkpoint"] is False

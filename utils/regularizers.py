@@ -27,6 +27,12 @@ def weight_decay_penalty_value(params: Iterable[torch.Tensor]) -> torch.Tensor:
     params = list(params)
     if params[0].device.type == "cpu":
         return weight_decay_penalty(params)
+    return foreach_penalty(params)
+
+
+@torch.no_grad()
+def foreach_penalty(params: list[torch.Tensor]) -> torch.Tensor:
+    """sum ||w||^2 / 2 from one norm per tensor, computed by multi-tensor kernels."""
     return 0.5 * torch.stack(torch._foreach_norm(params)).pow(2).sum()
 
 
