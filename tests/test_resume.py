@@ -405,33 +405,27 @@ def test_pending_best_weights_are_promoted_or_discarded(tmp_path):
 # Resuming on another device or memory layout (in-process)
 # ---------------------------------------------------------------------------
 
-def _crash_in_epoch(monkeypatch, epoch: int) -> None:
-    import utils.pipeline as pipeline
-    real = pipeline.train_one_epoch
-
-    def train_one_epoch(model, split, state, e, total, *args, **kwargs):
-        if e == epoch:
-            raise SystemExit("simulated crash")
-        return real(model, split, state, e, total, *args, **kwargs)
-    monkeypatch.setattr(pipeline, "train_one_epoch", train_one_epoch)
-
-
 @pytest.fixture(scope="module")
 def moved(tmp_path_factory):
-    """An uninterrupted 3-epoch run with fused SGD, and the same run crashed in epoch 2 (its
-    checkpoint: epoch 1, contiguous layout), copied twice for the resume tests below.  (The
-    last epoch runs at learning rate 0, so two epochs would not show the momentum.)"""
+    """An uninterrupted 3-epoch run with fused SGD and two copies of its run directory as a crash
+    right after epoch 1's checkpoint would leave it (contiguous layout), for the tests below.
+    (The last epoch runs at learning rate 0, so two epochs would not show the momentum.)"""
     import shutil
+
+    from utils.checkpoint import RunCheckpoint
     cwd = tmp_path_factory.mktemp("moved")
     (cwd / "cfg.json").write_text(json.dumps(_config(total_epoch_num=3, sgd_impl="fused")))
-    args = ["--json_path", str(cwd / "cfg.json"), "--memory_format", "contiguous", "--num_threads", "1"]
-    assert main("first", args + ["--exp_root", str(cwd / "ref")]) == 0
+    real_save = RunCheckpoint.save
+
+    def save_and_copy_after_epoch_1(self, epoch, *args, **kwargs):
+        real_save(self, epoch, *args, **kwargs)
+        if epoch == 1:
+            for name in ("moved", "cuda_generator"):
+                shutil.copytree(self.rundir.path, cwd / name / RUN)
     with pytest.MonkeyPatch.context() as mp:
-        _crash_in_epoch(mp, 2)
-        with pytest.raises(SystemExit):
-            main("first", args + ["--exp_root", str(cwd / "crashed")])
-    for name in ("moved", "cuda_generator"):
-        shutil.copytree(cwd / "crashed", cwd / name)
+        mp.setattr(RunCheckpoint, "save", save_and_copy_after_epoch_1)
+        assert main("first", ["--json_path", str(cwd / "cfg.json"), "--memory_format", "contiguous",
+                              "--num_threads", "1", "--exp_root", str(cwd / "ref")]) == 0
     return cwd
 
 
