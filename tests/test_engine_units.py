@@ -17,21 +17,25 @@ from utils.errors import CheckpointError
 from utils.host_syncs import HostReads
 
 CPU = torch.device("cpu")
+# the CUDA variants prove the GPU paths (fused CUDA SGD's found_inf and layouts) where a device exists
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
 
-def _conv_weights(seed=0, channels_last=False):
+def _conv_weights(seed=0, channels_last=False, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(4, 3, 3, 3, generator=g)
     if channels_last:
         w = w.contiguous(memory_format=torch.channels_last)
-    return [nn.Parameter(w), nn.Parameter(torch.randn(4, generator=g))]
+    return [nn.Parameter(w.to(device)), nn.Parameter(torch.randn(4, generator=g).to(device))]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["fused", "foreach", "for-loop"])
-def test_relaid_momentum_gives_the_same_step_in_another_layout(impl):
+def test_relaid_momentum_gives_the_same_step_in_another_layout(impl, device):
     """A checkpoint from a contiguous run resumed with channels_last weights: after the relay the
     next step is bit-identical (SGD is elementwise); CPU fused SGD without it is silently wrong."""
-    grads = [[torch.randn(p.shape, generator=torch.Generator().manual_seed(10 + i)) for p in _conv_weights()]
+    dev = torch.device(device)
+    grads = [[torch.randn(p.shape, generator=torch.Generator().manual_seed(10 + i)).to(dev) for p in _conv_weights()]
              for i in range(2)]
 
     def step(params, opt, g):
@@ -39,19 +43,19 @@ def test_relaid_momentum_gives_the_same_step_in_another_layout(impl):
             p.grad = torch.empty_like(p).copy_(gr)  # autograd lays a gradient out like its weight
         opt.step()
 
-    saved_params = _conv_weights()
-    saved_opt = torch.optim.SGD(saved_params, lr=0.1, momentum=0.9, **sgd_kwargs(impl, CPU))
+    saved_params = _conv_weights(device=dev)
+    saved_opt = torch.optim.SGD(saved_params, lr=0.1, momentum=0.9, **sgd_kwargs(impl, dev))
     step(saved_params, saved_opt, grads[0])
     checkpoint = {"params": [p.detach().clone() for p in saved_params],
                   "optimizer": copy.deepcopy(saved_opt.state_dict())}
     step(saved_params, saved_opt, grads[1])  # the uninterrupted run
 
     def resumed(relay: bool):
-        params = _conv_weights(channels_last=True)
+        params = _conv_weights(channels_last=True, device=dev)
         with torch.no_grad():
             for p, v in zip(params, checkpoint["params"]):
                 p.copy_(v)
-        opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, **sgd_kwargs(impl, CPU))
+        opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, **sgd_kwargs(impl, dev))
         opt.load_state_dict(checkpoint["optimizer"])
         if relay:
             relay_optimizer_state(opt)
@@ -62,33 +66,35 @@ def test_relaid_momentum_gives_the_same_step_in_another_layout(impl):
 
     for a, b in zip(resumed(relay=True), saved_params):
         assert torch.equal(a.detach(), b.detach())
-    if impl == "fused":  # what the relay prevents
+    if impl == "fused" and dev.type == "cpu":  # what the relay prevents (CUDA may refuse instead)
         assert not torch.equal(resumed(relay=False)[0].detach(), saved_params[0].detach())
 
 
-def _guarded(impl, mode="skip"):
-    params = _conv_weights(1)
-    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, **sgd_kwargs(impl, CPU))
+def _guarded(impl, device=CPU):
+    params = _conv_weights(1, device=device)
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, **sgd_kwargs(impl, device))
     state = SimpleNamespace(optimizer=opt, objective=lambda loss: {"ce": loss})
-    guard = NonFiniteGuard(mode, CPU, owner=None)
+    guard = NonFiniteGuard("skip", device, owner=None)
     guard.attach(state)
     return params, state, guard
 
 
 def _step(params, state, loss_value, grad_value):
-    state.objective(torch.tensor(loss_value))
+    state.objective(torch.tensor(loss_value, device=params[0].device))
     for p in params:
         p.grad = torch.full_like(p, grad_value)
     state.optimizer.step()
 
 
-def test_fused_skip_of_the_first_step_leaves_zero_momentum_and_reads_nothing_back(monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_skip_of_the_first_step_leaves_zero_momentum_and_reads_nothing_back(monkeypatch, device):
     """found_inf = 1 makes fused SGD skip the step on the device.  Fused SGD would allocate its
     momentum buffers with torch.empty_like on that first step and leave them unset; the guard
     zeroes them first, so the next step is exactly a first step."""
     nan_memory = lambda t, *a, **k: torch.full_like(t, float("nan"))  # noqa: E731 - what empty_like may hold
     monkeypatch.setattr(torch, "empty_like", nan_memory)
-    params, state, guard = _guarded("fused")
+    dev = torch.device(device)
+    params, state, guard = _guarded("fused", dev)
     before = [p.detach().clone() for p in params]
     with HostReads() as reads:
         _step(params, state, float("nan"), float("nan"))
@@ -96,7 +102,7 @@ def test_fused_skip_of_the_first_step_leaves_zero_momentum_and_reads_nothing_bac
     assert all(torch.equal(p.detach(), b) for p, b in zip(params, before)), "the step was applied"
     assert float(state.optimizer.found_inf) == 1.0
     _step(params, state, 1.0, 0.5)
-    fresh = _conv_weights(1)
+    fresh = _conv_weights(1, device=dev)
     reference = torch.optim.SGD(fresh, lr=0.1, momentum=0.9, fused=True)
     for p in fresh:
         p.grad = torch.full_like(p, 0.5)

@@ -28,6 +28,8 @@ from utils.config import from_dict
 from utils.objective import decayed_parameters, make_objective, make_optimizer, trained_parameters
 
 K = 10
+# the CUDA variants prove the GPU paths (fused CUDA SGD, the foreach value) where a device exists
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 GROUPS = ["Many"] * 3 + ["Medium"] * 5 + ["Few"] * 2
 COUNTS = [100, 72, 51, 37, 26, 19, 14, 10, 7, 5]
 WD, LR = 5e-2, 0.1
@@ -41,22 +43,35 @@ def _cfg(target=None, sgd_impl="for-loop"):
 
 
 def _setup(cfg, couple_decay: bool, model):
+    device = next(model.parameters()).device
     trained = trained_parameters(model, "first", cfg)
     decayed = decayed_parameters(model, trained, cfg, GROUPS)
-    objective = make_objective(cfg, COUNTS, decayed, torch.device("cpu"), classifier=model.classifier,
+    objective = make_objective(cfg, COUNTS, decayed, device, classifier=model.classifier,
                                couple_decay=couple_decay)
     return objective, make_optimizer(cfg, [p for _, p in trained], objective)
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(params=DEVICES)
+def model(request):
     torch.manual_seed(0)  # convolutions, BatchNorm, linear layers and a classifier, small enough to be quick
-    return build_model("BNLeNet5", K, input_shape=(1, 16, 16)).train()
+    return build_model("BNLeNet5", K, input_shape=(1, 16, 16)).train().to(request.param)
 
 
-def _batch(seed):
+@pytest.fixture(autouse=True)
+def plain_fp32_convolutions():
+    """On a GPU: no TF32, no autotuner, deterministic kernels, so that the three runs of a
+    comparison differ only by the weight decay's form."""
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
+        yield
+
+
+def _batch(seed, device):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(6, 1, 16, 16, generator=g), torch.randint(0, K, (6,), generator=g)
+    return torch.randn(6, 1, 16, 16, generator=g).to(device), torch.randint(0, K, (6,), generator=g).to(device)
+
+
+def w_device(model):
+    return next(model.parameters()).device
 
 
 def _loss(model, objective, x, y):
@@ -73,7 +88,7 @@ def test_loss_value_and_gradients_equal_the_explicit_term(model, target):
     coupled, _ = _setup(cfg, True, coupled_model)
     n_decayed = len(coupled.decayed)
     assert not explicit.coupled_decay and len(coupled.coupled_decay) == (n_decayed if target is None else n_decayed - 2)
-    x, y = _batch(1)
+    x, y = _batch(1, w_device(model))
     loss_e, terms_e = _loss(explicit_model, explicit, x, y)
     loss_c, terms_c = _loss(coupled_model, coupled, x, y)
     assert terms_c.keys() == terms_e.keys() and "weight_decay" in terms_c
@@ -96,7 +111,7 @@ def test_loss_value_and_gradients_equal_the_explicit_term(model, target):
         w = coupled_model.classifier.weight
         h = coupled_model.features(x)
         (grad,) = torch.autograd.grad(coupled(coupled_model.classify(h), y, h)["weight_decay"], w)
-        rows = torch.tensor([0, 1, 2, 8, 9])
+        rows = torch.tensor([0, 1, 2, 8, 9], device=w.device)
         assert torch.allclose(grad[rows], WD * w.detach()[rows], rtol=1e-6) and not grad[3:8].any()
 
 
@@ -112,7 +127,7 @@ def test_sgd_steps_with_momentum_equal_the_explicit_term(model, sgd_impl, target
             for group in optimizer.param_groups:
                 group["weight_decay"] = 0.0
         for step in range(STEPS):  # the second step carries the first one's decay through momentum
-            x, y = _batch(10 + step)
+            x, y = _batch(10 + step, w_device(model))
             loss, _ = _loss(m, objective, x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
