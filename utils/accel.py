@@ -136,14 +136,15 @@ def resolve_channels_last(memory_format: str, device: torch.device) -> bool:
     return choose_memory_format(memory_format, device).value == "channels_last"
 
 
-def set_tf32(allowed: bool) -> None:
-    """TF32 for cuDNN convolutions and cuBLAS matmuls: torch's defaults (True, False) or both off.
+def set_tf32(convolutions: bool) -> None:
+    """TF32 for cuDNN convolutions on (torch's default) or off; cuBLAS matmuls always in fp32
+    (torch's default too).
 
     Process-wide flags, set on every run so that a strict run does not leak into the next
-    one in the same process.  The legacy ``allow_tf32`` attributes exist in every supported
-    torch (2.4 and later); mixing them with the newer ``fp32_precision`` API is what torch
-    refuses, so only these are used."""
-    torch.backends.cudnn.allow_tf32 = allowed
+    one in the same process.  The ``allow_tf32`` attributes exist in every supported torch;
+    the newer ``fp32_precision`` settings (torch 2.9+) are not mixed in, as torch objects to
+    both being used."""
+    torch.backends.cudnn.allow_tf32 = convolutions
     torch.backends.cuda.matmul.allow_tf32 = False
 
 
