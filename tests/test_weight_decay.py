@@ -21,7 +21,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from models import build_model
 from utils.config import from_dict
