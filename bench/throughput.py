@@ -101,13 +101,15 @@ def stage1_config(args, **overrides):
     return from_dict(raw, "bench")
 
 
-def build(cfg, data, device, seed):
+def build(cfg, data, device, seed, couple_decay=True):
+    """couple_decay=False: the explicit weight-decay term with its autograd graph, as the published code."""
     torch.manual_seed(seed)
     shape = SimpleNamespace(n_classes=N_CLASSES, train_images=data["train"].images, class_counts=data["counts"],
                             in_channels=data["train"].images.shape[1])
     model = make_model(cfg, shape).to(device)
     params = [p for _, p in trained_parameters(model, "first", cfg)]
-    objective = make_objective(cfg, data["counts"], params, device, classifier=model.classifier)
+    objective = make_objective(cfg, data["counts"], params, device, classifier=model.classifier,
+                               couple_decay=couple_decay)
     return model, params, objective
 
 
@@ -230,7 +232,7 @@ def fast_state(cfg, data, device, seed: int, batch_size: int):
     """(model, fast path, TrainState) of pipeline A, built as the runs build them."""
     model, params, objective = build(cfg, data, device, seed)
     fast = make_fast_path(model, device, cfg.precision, cfg.memory_format, cfg.compile)
-    optimizer = make_optimizer(cfg, params)
+    optimizer = make_optimizer(cfg, params, objective)
     augment = BatchAugment(MEAN, STD, 4, True, device)
     # both generators on the CPU: crops and flips are drawn there and copied to the device
     state = TrainState(optimizer=optimizer, objective=objective, augment=augment, batch_size=batch_size,
@@ -294,7 +296,7 @@ def measure_naive(v: Variant, args, data, device, n_val_eval) -> Measurement:
     val_part = make_loader(data["val"].images[:n_val_eval], data["val"].labels[:n_val_eval],
                            eval_transform(MEAN, STD), args.batch_size, args.workers, shuffle=False)
     with PeakMemory(device) as mem:
-        model, params, objective = build(cfg, data, device, args.seed)
+        model, params, objective = build(cfg, data, device, args.seed, couple_decay=False)
         optimizer = torch.optim.SGD(params, lr=cfg.optim.base_lr, momentum=cfg.optim.momentum)
         trainer = NaiveTrainer(model, objective, optimizer, device, N_CLASSES)
         batches = iter(train_loader)  # new workers, as every epoch of a non-persistent DataLoader

@@ -145,15 +145,29 @@ def test_apply_rejects_bad_offsets_and_dtype():
         aug(x.float())
 
 
+def test_packed_params_are_the_same_draws_in_the_same_order():
+    """The training loop draws (dy, dx, flip) on a CPU generator as one (3, n) tensor and copies
+    it to the device once: the same numbers as three separate draws, in that order."""
+    from utils.augment import params_to
+    aug = BatchAugment(MEAN, STD, crop_padding=4, hflip=True, device="cpu")
+    packed = aug.draw_params(50, torch.Generator().manual_seed(9))
+    assert packed.shape == (3, 50) and packed.dtype == torch.int64
+    g = torch.Generator().manual_seed(9)
+    dy, dx = torch.randint(0, 9, (50,), generator=g), torch.randint(0, 9, (50,), generator=g)
+    flip = torch.rand(50, generator=g) < 0.5
+    got = params_to(packed, torch.device("cpu"))
+    assert torch.equal(got[0], dy) and torch.equal(got[1], dx) and torch.equal(got[2], flip)
+    assert got[2].dtype == torch.bool
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_cpu():
+def test_cuda_images_with_a_cpu_generator_augment_like_the_cpu():
+    """One seed, CPU or CUDA: the same crops and flips (the generator is a CPU one)."""
     aug = BatchAugment(MEAN, STD, crop_padding=4, hflip=True, device="cuda")
     x = _images(128)
-    g = torch.Generator(device="cuda").manual_seed(3)
-    out = aug(x.cuda(), g)
+    out = aug(x.cuda(), torch.Generator().manual_seed(3))
     assert out.device.type == "cuda"
-    dy, dx, flip = aug.sample_params(128, torch.Generator(device="cuda").manual_seed(3))
-    ref = _reference(BatchAugment(MEAN, STD, 4, True, "cpu"), x, dy.cpu(), dx.cpu(), flip.cpu())
+    ref = BatchAugment(MEAN, STD, 4, True, "cpu")(x, torch.Generator().manual_seed(3))
     assert torch.allclose(out.cpu(), ref, atol=1e-6)
 
 

@@ -158,10 +158,79 @@ def test_sgd_kwargs_and_auto_choices():
         sgd_kwargs("fast", cpu)
     assert accel.resolve_precision("auto", cpu) is None
     assert accel.resolve_precision("bf16", cpu) is torch.bfloat16
-    assert accel.resolve_precision("fp32", cuda) is None
+    assert accel.resolve_precision("fp32-strict", cpu) is None
     assert accel.resolve_channels_last("auto", cpu) is False
-    assert accel.resolve_channels_last("auto", cuda) is True
-    assert accel.resolve_channels_last("contiguous", cuda) is False
+    assert accel.resolve_channels_last("contiguous", cpu) is False
+    assert accel.resolve_channels_last("channels_last", cpu) is True
+
+
+def _gpu(monkeypatch, name, capability):
+    """Pretend that cuda:0 is this GPU (the resolution reads only its name and capability)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    return torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("name, capability, fast", [
+    ("NVIDIA H200", (9, 0), True), ("NVIDIA A100-SXM4-80GB", (8, 0), True), ("NVIDIA GeForce RTX 3090", (8, 6), True),
+    ("Tesla V100-SXM2-16GB", (7, 0), False), ("Tesla T4", (7, 5), False), ("NVIDIA GeForce RTX 2080 Ti", (7, 5), False),
+])
+def test_auto_precision_and_layout_need_compute_capability_8(monkeypatch, name, capability, fast):
+    """bf16 and channels_last only where bf16 tensor cores exist (is_bf16_supported() also counts
+    emulation, e.g. on a V100); the log line says what was chosen and why."""
+    cuda = _gpu(monkeypatch, name, capability)
+    major, minor = capability
+    why = f"auto: {name}, compute {major}.{minor} {'>=' if fast else '<'} 8.0"
+    assert accel.choose_precision("auto", cuda).text() == (f"bf16 ({why})" if fast else f"fp32 ({why})")
+    assert accel.choose_memory_format("auto", cuda).text() == (f"channels_last ({why})" if fast else f"contiguous ({why})")
+    assert accel.resolve_precision("auto", cuda) is (torch.bfloat16 if fast else None)
+    assert accel.resolve_channels_last("auto", cuda) is fast
+    # explicit choices are kept, with the caveat that applies
+    assert accel.choose_precision("fp32-strict", cuda).text() == "fp32-strict"
+    assert accel.choose_memory_format("contiguous", cuda).text() == "contiguous"
+    fp32 = accel.choose_precision("fp32", cuda)
+    assert fp32.value == "fp32" and (("TF32" in fp32.reason) is fast)
+    bf16 = accel.choose_precision("bf16", cuda)
+    assert bf16.value == "bf16" and (("no bf16 tensor cores" in bf16.reason) is not fast)
+
+
+def test_train_log_line_and_tf32_flags(monkeypatch):
+    cuda = _gpu(monkeypatch, "NVIDIA H200", (9, 0))
+    fast = make_fast_path(_model(), cuda, "auto", "auto")
+    assert (fast.amp_dtype, fast.channels_last, fast.precision) == (torch.bfloat16, True, "bf16")
+    assert fast.describe() == ("precision bf16 (auto: NVIDIA H200, compute 9.0 >= 8.0), memory format "
+                               "channels_last (auto: NVIDIA H200, compute 9.0 >= 8.0), compile off")
+    cpu = torch.device("cpu")
+    assert make_fast_path(_model(), cpu, "auto", "auto").describe() == \
+        "precision fp32 (auto: CPU), memory format contiguous (auto: CPU), compile off"
+    try:
+        strict = make_fast_path(_model(), cuda, "fp32-strict", "auto")
+        assert strict.amp_dtype is None and strict.precision == "fp32-strict"
+        assert torch.backends.cudnn.allow_tf32 is False and torch.backends.cuda.matmul.allow_tf32 is False
+        make_fast_path(_model(), cuda, "fp32", "auto")  # torch's defaults again: TF32 convolutions, fp32 matmuls
+        assert torch.backends.cudnn.allow_tf32 is True and torch.backends.cuda.matmul.allow_tf32 is False
+    finally:
+        accel.set_tf32(True)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        accel.choose_precision("fp16", cpu)
+
+
+def test_classifier_runs_in_fp32_outside_bf16_autocast():
+    """Validation accuracy (model selection) and the tau sweep read these logits: no bf16 rounding
+    of the classifier, in eager and compiled forwards and under DDP (the same function)."""
+    model = _model().eval()
+    fast = make_fast_path(model, torch.device("cpu"), "bf16", "contiguous")
+    x = torch.randn(8, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        with fast.autocast():
+            h, logits = fast.forward(model, x)
+            rounded = model.classify(h)  # what autocast alone would give
+        assert h.dtype == torch.bfloat16 and logits.dtype == torch.float32
+        assert torch.equal(logits, model.classify(h.float()))
+        assert rounded.dtype == torch.bfloat16 and not torch.equal(rounded.float(), logits)
+        # without autocast the function is the plain forward, bit for bit
+        h32, logits32 = accel.features_and_logits(model, x)
+        assert torch.equal(logits32, model(x)) and torch.equal(h32, model.features(x))
 
 
 def test_resolve_threads(monkeypatch):
@@ -182,7 +251,7 @@ def test_config_keys_match_accel_choices():
     cfg = Config()
     assert (cfg.precision, cfg.memory_format, cfg.compile, cfg.num_threads, cfg.optim.sgd_impl) == \
         ("auto", "auto", "off", 0, "auto")
-    with pytest.raises(ConfigError, match="precision = 'fp16' is not allowed; choose one of: auto, fp32, bf16"):
+    with pytest.raises(ConfigError, match="precision = 'fp16' is not allowed; choose one of: auto, fp32, fp32-strict, bf16"):
         from_dict({"precision": "fp16"})
     with pytest.raises(ConfigError, match="num_threads = -1 must be >= 0"):
         from_dict({"num_threads": -1})
@@ -213,6 +282,11 @@ def test_max_steps_and_record():
     assert len(losses) == 2
     assert out["record"]["train_loss"] == pytest.approx(sum(losses) / 2, rel=1e-6)
     assert int(out["correct"].shape[0]) == N
+    assert out["images"] == 2 * BS and "images" not in out["record"]  # trained images (not a metrics.csv column)
+    data = _data()
+    for n, trained in ((63, 63), (49, 48)):  # a short last batch counts; a last batch of one is dropped
+        split = SplitTensors(data.images[:n], data.labels[:n])
+        assert train_one_epoch(model, split, state, 1, 1, show_progress=False)["images"] == trained
 
 
 def test_evaluate_fast_path_features():

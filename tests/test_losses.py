@@ -178,7 +178,7 @@ def test_nc_hand_computed():
     # classes 0 (two samples), 1 (one sample); means mu_0 = (1, 1), mu_1 = (0, 3)
     labels = torch.tensor([0, 0, 1])
     h = torch.tensor([[2.0, 1.0], [0.0, 1.0], [0.0, 3.0]])
-    within, angle = nc_terms(labels, h)
+    within, angle = nc_terms(labels, h, 2)
     # ||h - mu||^2 / m: (1 + 1) / 2 for class 0, 0 for class 1
     assert float(within) == pytest.approx(1.0)
     # cos(mu_0, mu_1) = 3 / (sqrt 2 * 3) = 1/sqrt 2; both classes' nearest other is each other
@@ -196,12 +196,59 @@ def test_nc_angle_is_the_smallest_to_another_class_and_zero_with_one_class():
     # three class means along angles 0, 30 and 120 degrees (unit length)
     deg = [0.0, 30.0, 120.0]
     h = torch.tensor([[math.cos(math.radians(d)), math.sin(math.radians(d))] for d in deg])
-    _, angle = nc_terms(torch.tensor([0, 1, 2]), h)
+    _, angle = nc_terms(torch.tensor([0, 1, 2]), h, 3)
     def a(d):
         return math.acos(math.cos(math.radians(d)) - 0.01)
     assert float(angle) == pytest.approx((a(30) + a(30) + a(90)) / 3, rel=1e-5)
-    within, angle = nc_terms(torch.tensor([1, 1]), torch.tensor([[1.0, 0.0], [3.0, 0.0]]))
+    within, angle = nc_terms(torch.tensor([1, 1]), torch.tensor([[1.0, 0.0], [3.0, 0.0]]), 4)
     assert float(within) == pytest.approx((1 + 1) / 2) and float(angle) == 0.0
+
+
+def _nc_terms_with_masks(labels, features):
+    """The NC terms as first written: classes found by reading the batch back (host syncs on
+    CUDA: int(labels.max()), bincount, a boolean mask), kept as the reference."""
+    h = features.float()
+    k = int(labels.max()) + 1
+    counts = torch.bincount(labels, minlength=k).to(h.dtype)
+    means = torch.zeros(k, h.shape[1]).index_add(0, labels, h) / counts.clamp_min(1).unsqueeze(1)
+    within = ((h - means[labels]).pow(2).sum(dim=1) / counts[labels]).sum()
+    norms = means.norm(dim=1)
+    present = (counts > 0) & (norms > 0)
+    if int(present.sum()) < 2:
+        return within, h.new_zeros(())
+    unit = means[present] / norms[present].unsqueeze(1)
+    angles = torch.arccos((unit @ unit.t() - 0.01).clamp(min=-1.0 + 1e-6))
+    angles = angles.masked_fill(torch.eye(angles.shape[0], dtype=torch.bool), math.inf)
+    return within, angles.min(dim=1).values.mean()
+
+
+@pytest.mark.parametrize("batch, k, seed", [(16, 10, 0), (8, 40, 1), (64, 3, 2), (5, 100, 3)])
+def test_nc_fixed_shape_terms_equal_the_masked_reference(batch, k, seed):
+    """Sync-free NC terms (K known, absent classes masked): the same values and gradients as the
+    masked computation, also with most classes absent from the batch and zero-mean classes."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, k, (batch,), generator=g)
+    h = torch.randn(batch, 6, generator=g)
+    h[labels == labels[0]] = 0.0  # a present class whose mean is 0: excluded from the angle term
+    h1, h2 = h.clone().requires_grad_(), h.clone().requires_grad_()
+    within, angle = nc_terms(labels, h1, k)
+    ref_within, ref_angle = _nc_terms_with_masks(labels, h2)
+    assert float(within) == pytest.approx(float(ref_within), rel=1e-6, abs=1e-7)
+    assert float(angle) == pytest.approx(float(ref_angle), rel=1e-6, abs=1e-7)
+    (within + angle).backward()
+    (ref_within + ref_angle).backward()
+    assert torch.allclose(h1.grad, h2.grad, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(h1.grad).all()
+    # a larger K than the labels reach changes nothing
+    assert torch.equal(torch.stack(nc_terms(labels, h, k)), torch.stack(nc_terms(labels, h, k + 7)))
+
+
+def test_nc_one_present_class_has_zero_angle_and_finite_gradients():
+    h = torch.tensor([[1.0, 2.0], [3.0, 1.0]], requires_grad=True)
+    within, angle = nc_terms(torch.tensor([2, 2]), h, 5)
+    assert float(angle) == 0.0
+    (within + angle).backward()
+    assert torch.isfinite(h.grad).all()
 
 
 def test_drw_switch_falls_back_to_ce_for_the_first_drw_epochs():

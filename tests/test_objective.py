@@ -105,8 +105,8 @@ def test_weight_decay_target_selects_classifier_rows_and_the_penalty_value():
     assert len(decayed) == 62
     fc = {d.name: d for d in decayed if d.name.startswith("encoder.fc.")}
     rows = [0, 1, 2, 8, 9]
-    assert fc["encoder.fc.weight"].rows.nonzero().flatten().tolist() == rows
-    assert fc["encoder.fc.bias"].rows.nonzero().flatten().tolist() == rows
+    assert fc["encoder.fc.weight"].rows.tolist() == rows and fc["encoder.fc.weight"].rows.dtype == torch.long
+    assert fc["encoder.fc.bias"].rows.tolist() == rows
     assert fc["encoder.fc.weight"].numel() == 5 * 512
     # the weight-decay term by hand: 0.5 * sum ||w||^2 / 2 over whole backbone tensors + chosen rows
     w, b = model.encoder.fc.weight, model.encoder.fc.bias
@@ -187,13 +187,15 @@ def test_describe_parameters_counts():
 
 def test_sgd_momentum_and_adamw_decoupled_decay():
     lin = torch.nn.Linear(3, 2)
-    sgd = make_optimizer(_cfg(base_lr=0.1), list(lin.parameters()))
+    plain = _cfg(base_lr=0.1)
+    sgd = make_optimizer(plain, list(lin.parameters()), make_objective(plain, [5, 5], [], torch.device("cpu")))
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9
+    assert [g["weight_decay"] for g in sgd.param_groups] == [0.0]
     cfg = _cfg(optimizer="AdamW", weight_decay=0.1, base_lr=0.5)
     before = [p.detach().clone() for p in lin.parameters()]
-    opt = make_optimizer(cfg, list(lin.parameters()))
-    assert isinstance(opt, torch.optim.AdamW)
     objective = make_objective(cfg, [5, 5], [], torch.device("cpu"))
+    opt = make_optimizer(cfg, list(lin.parameters()), objective)
+    assert isinstance(opt, torch.optim.AdamW)
     terms = objective(torch.zeros(1, 2), torch.tensor([0]), torch.zeros(1, 3))
     assert set(terms) == {"ce"}  # no explicit decay term with AdamW
     # zero gradient: Adam's step is 0, only the decoupled decay acts: p <- p (1 - lr wd) = 0.95 p
@@ -203,11 +205,15 @@ def test_sgd_momentum_and_adamw_decoupled_decay():
     opt.step()
     for p, p0 in zip(lin.parameters(), before):
         assert torch.allclose(p.detach(), 0.95 * p0, atol=1e-7)
-    # SGD with the same weight decay: an explicit term instead
-    sgd_terms = make_objective(_cfg(weight_decay=0.1), [5, 5], list(lin.parameters()), torch.device("cpu"))(
-        torch.zeros(1, 2), torch.tensor([0]), torch.zeros(1, 3))
+    # SGD with the same weight decay: the term is logged, its gradient goes through SGD's weight_decay
+    decay = _cfg(weight_decay=0.1)
+    sgd_objective = make_objective(decay, [5, 5], list(lin.parameters()), torch.device("cpu"))
+    sgd_terms = sgd_objective(torch.zeros(1, 2), torch.tensor([0]), torch.zeros(1, 3))
     expected = 0.1 * sum(float(p.detach().pow(2).sum()) for p in lin.parameters()) / 2
     assert float(sgd_terms["weight_decay"].detach()) == pytest.approx(expected, rel=1e-5)
+    assert not sgd_terms["weight_decay"].requires_grad
+    sgd = make_optimizer(decay, list(lin.parameters()), sgd_objective)
+    assert [(len(g["params"]), g["weight_decay"]) for g in sgd.param_groups] == [(2, 0.1)]
 
 
 @pytest.mark.parametrize("optim, message", [

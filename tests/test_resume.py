@@ -293,6 +293,10 @@ def test_checkpoint_contents_and_overwrite(in_tmp, write_json, capsys):
             "best_log"} <= set(ckpt)
     assert set(ckpt["rng"]) >= {"python", "numpy", "torch", "generators"}
     assert set(ckpt["rng"]["generators"]) == {"shuffle", "augment"}
+    cpu_state = torch.Generator().get_state().numel()  # both are CPU generators, whatever the device
+    assert [g.numel() for g in ckpt["rng"]["generators"].values()] == [cpu_state, cpu_state]
+    assert "precision fp32 (auto: CPU), memory format contiguous (auto: CPU), compile off" in \
+        (run / "train.log").read_text()
     assert ckpt["optimizer"]["state"], "SGD momentum buffers are saved"
     assert ckpt["config"]["optim"]["total_epoch_num"] == 1 and len(ckpt["records"]) == 1
     assert json.loads((run / "args.json").read_text())["load_checkpoint"] is False
@@ -395,3 +399,74 @@ def test_pending_best_weights_are_promoted_or_discarded(tmp_path):
     (tmp_path / ".best.epoch6.pending").write_text("epoch 6")
     _settle_best(rundir, {"epoch": 5, "best_epoch": 4})
     assert (tmp_path / "best.paramOnly").read_text() == "epoch 4" and not list(tmp_path.glob(".best.*"))
+
+
+# ---------------------------------------------------------------------------
+# Resuming on another device or memory layout (in-process)
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def moved(tmp_path_factory):
+    """An uninterrupted 3-epoch run with fused SGD and two copies of its run directory as a crash
+    right after epoch 1's checkpoint would leave it (contiguous layout), for the tests below.
+    (The last epoch runs at learning rate 0, so two epochs would not show the momentum.)"""
+    import shutil
+
+    from utils.checkpoint import RunCheckpoint
+    cwd = tmp_path_factory.mktemp("moved")
+    (cwd / "cfg.json").write_text(json.dumps(_config(total_epoch_num=3, sgd_impl="fused")))
+    real_save = RunCheckpoint.save
+
+    def save_and_copy_after_epoch_1(self, epoch, *args, **kwargs):
+        real_save(self, epoch, *args, **kwargs)
+        if epoch == 1:
+            for name in ("moved", "cuda_generator"):
+                shutil.copytree(self.rundir.path, cwd / name / RUN)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(RunCheckpoint, "save", save_and_copy_after_epoch_1)
+        assert main("first", ["--json_path", str(cwd / "cfg.json"), "--memory_format", "contiguous",
+                              "--num_threads", "1", "--exp_root", str(cwd / "ref")]) == 0
+    return cwd
+
+
+def test_resume_on_another_device_and_memory_format_gives_the_uninterrupted_numbers(moved):
+    """A checkpoint written on a GPU holds each device's RNG state: the CPU ignores them (training
+    draws only from the CPU generators).  Momentum buffers saved in the contiguous layout are
+    re-laid for channels_last weights (CPU fused SGD silently computes nonsense when a buffer's
+    strides differ from its weight's; test_engine_units.py shows the step itself is then exact).
+
+    channels_last convolutions round differently, and these tiny, fast-moving runs amplify it:
+    epoch 2's loss moved by 1.0e-3 (relative) against the uninterrupted run, and by 2.2e-2
+    without the re-laid buffers.  We allow 5e-3."""
+    run = moved / "moved" / RUN
+    ckpt = read_checkpoint(run / "checkpoint.ckpt")
+    assert ckpt["epoch"] == 1
+    ckpt["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]
+    torch.save(ckpt, run / "checkpoint.ckpt")
+    assert main("first", ["--json_path", str(moved / "cfg.json"), "--exp_root", str(moved / "moved"),
+                          "--memory_format", "channels_last", "--num_threads", "1", "--resume"]) == 0
+    assert "memory format channels_last" in (run / "train.log").read_text()
+    ref, got = _metrics_without_seconds(moved / "ref" / RUN), _metrics_without_seconds(run)
+    assert got[:2] == ref[:2], "epoch 1 comes from the checkpoint"
+    header = ref[0]
+    for row in (2, 3):
+        for name, tolerance in (("train_loss", {"rel": 5e-3}), ("train_ce", {"rel": 5e-3}), ("val_acc", {"abs": 0.02})):
+            col = header.index(name)
+            assert float(got[row][col]) == pytest.approx(float(ref[row][col]), **tolerance), (row, name)
+
+
+def test_checkpoint_with_a_cuda_generator_state_is_refused_in_one_line(moved, capsys):
+    root = moved / "cuda_generator"
+    run = root / RUN
+    ckpt = read_checkpoint(run / "checkpoint.ckpt")
+    assert ckpt["rng"]["generators"]["augment"].numel() == torch.Generator().get_state().numel()
+    ckpt["rng"]["generators"]["augment"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA Philox seed + offset
+    torch.save(ckpt, run / "checkpoint.ckpt")
+    before = _snapshot(root)
+    capsys.readouterr()
+    assert main("first", ["--json_path", str(moved / "cfg.json"), "--exp_root", str(root), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    assert "its augment generator state (16 bytes) is not a CPU generator's (5056 bytes)" in err
+    assert "--overwrite" in err
+    assert _snapshot(root) == before, "nothing written"

@@ -7,11 +7,18 @@ settings only reorder floating-point work.  ``auto`` picks what measurably
 paid on the machines measured (see bench/throughput.py and the README's
 Performance section):
 
-* CUDA: bf16 autocast (where the GPU supports it), channels_last, fused SGD.
+* CUDA with compute capability >= 8.0 (Ampere and later): bf16 autocast,
+  channels_last, fused SGD.  Older GPUs (V100, T4, RTX 20xx) have no bf16
+  tensor cores (``torch.cuda.is_bf16_supported()`` counts emulation there), so
+  ``auto`` keeps them on fp32 and contiguous tensors.
 * CPU: fp32, contiguous, torch's default SGD.  On the 2-core Xeon with
   avx512_bf16 used for development, bf16 autocast made ResNet34 training at
   batch 64 20-30% *slower* (18-20 vs 25-26 images/s) and channels_last was
   within noise, so ``auto`` keeps the CPU numbers bit-identical to fp32 eager.
+
+``fp32`` keeps torch's defaults: on Ampere and later, cuDNN convolutions run in
+TF32 (10-bit mantissa inputs, fp32 accumulation) while matmuls stay fp32.
+``fp32-strict`` turns TF32 off for both.
 """
 from __future__ import annotations
 
@@ -24,11 +31,13 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "fp32-strict", "bf16")
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SGD_IMPLS = ("auto", "fused", "foreach", "for-loop")
-_CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+# bf16 tensor cores (and the channels_last convolutions that pay with them) start with Ampere
+FAST_CAPABILITY = (8, 0)
 
 
 def available_cores() -> int:
@@ -89,25 +98,69 @@ def resolve_threads(num_threads: int) -> int:
     return available_cores()
 
 
-def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype, or None for plain fp32."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision != "auto":
+@dataclass(frozen=True)
+class Choice:
+    """A resolved setting and, for ``auto`` (or a caveat), why: for train.log."""
+    value: str
+    reason: str = ""
+
+    def text(self) -> str:
+        return f"{self.value} ({self.reason})" if self.reason else self.value
+
+
+def _fast_gpu(device: torch.device) -> tuple[bool, str]:
+    """(whether ``device`` is a CUDA GPU with compute capability >= 8.0, the words saying so)."""
+    if device.type != "cuda":
+        return False, device.type.upper()
+    major, minor = torch.cuda.get_device_capability(device)
+    name = torch.cuda.get_device_name(device)
+    relation = ">=" if (major, minor) >= FAST_CAPABILITY else "<"
+    return (major, minor) >= FAST_CAPABILITY, f"{name}, compute {major}.{minor} {relation} {FAST_CAPABILITY[0]}.{FAST_CAPABILITY[1]}"
+
+
+def choose_precision(precision: str, device: torch.device) -> Choice:
+    """fp32 | fp32-strict | bf16, with the reason when ``auto`` decided (or TF32 applies)."""
+    if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None  # CPU: bf16 autocast measured slower (module docstring)
+    fast, why = _fast_gpu(device)
+    if precision == "auto":
+        # CPU: bf16 autocast measured slower (module docstring)
+        return Choice("bf16" if fast else "fp32", f"auto: {why}")
+    if precision == "fp32" and fast:
+        return Choice("fp32", "cuDNN convolutions in TF32, torch's default; fp32-strict turns it off")
+    if precision == "bf16" and device.type == "cuda" and not fast:
+        return Choice("bf16", f"no bf16 tensor cores: {why}; expect it slower than fp32")
+    return Choice(precision)
+
+
+def choose_memory_format(memory_format: str, device: torch.device) -> Choice:
+    if memory_format not in MEMORY_FORMATS:
+        raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {memory_format!r}")
+    if memory_format != "auto":
+        return Choice(memory_format)
+    fast, why = _fast_gpu(device)
+    return Choice("channels_last" if fast else "contiguous", f"auto: {why}")
+
+
+def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype, or None for plain fp32 (fp32-strict included)."""
+    return torch.bfloat16 if choose_precision(precision, device).value == "bf16" else None
 
 
 def resolve_channels_last(memory_format: str, device: torch.device) -> bool:
-    if memory_format not in MEMORY_FORMATS:
-        raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {memory_format!r}")
-    if memory_format == "auto":
-        return device.type == "cuda"
-    return memory_format == "channels_last"
+    return choose_memory_format(memory_format, device).value == "channels_last"
+
+
+def set_tf32(convolutions: bool) -> None:
+    """TF32 for cuDNN convolutions on (torch's default) or off; cuBLAS matmuls always in fp32
+    (torch's default too).
+
+    Process-wide flags, set on every run so that a strict run does not leak into the next
+    one in the same process.  The ``allow_tf32`` attributes exist in every supported torch;
+    the newer ``fp32_precision`` settings (torch 2.9+) are not mixed in, as torch objects to
+    both being used."""
+    torch.backends.cudnn.allow_tf32 = convolutions
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def sgd_kwargs(sgd_impl: str, device: torch.device) -> dict:
@@ -128,6 +181,19 @@ def sgd_kwargs(sgd_impl: str, device: torch.device) -> dict:
     raise ValueError(f"sgd_impl must be one of {SGD_IMPLS}, got {sgd_impl!r}")
 
 
+def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, logits): the backbone under whatever autocast is active, the classifier in fp32.
+
+    Model selection (validation accuracy), the tau sweep and the logged accuracies read
+    these logits; running the classifier outside autocast on float32 features keeps them
+    free of bf16 rounding of the classifier weights (its cost is one K x D matmul).  With
+    fp32 inputs and no autocast this is exactly ``classify(features(x))``."""
+    h = model.features(x)
+    with torch.autocast(x.device.type, enabled=False):
+        logits = model.classify(h.float())
+    return h, logits
+
+
 @dataclass
 class FastPath:
     """How forward passes run: autocast dtype, input layout, compiled forward."""
@@ -136,9 +202,13 @@ class FastPath:
     channels_last: bool = False
     compile_mode: str = "off"
     forward_fn: Optional[Callable] = None        # compiled (features, logits) = f(x)
+    precision_choice: Optional[Choice] = None    # what train.log says (None: from amp_dtype)
+    memory_format_choice: Optional[Choice] = None
 
     @property
     def precision(self) -> str:
+        if self.precision_choice is not None:
+            return self.precision_choice.value
         return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp_dtype, str(self.amp_dtype))
 
     def autocast(self):
@@ -152,42 +222,50 @@ class FastPath:
         return x
 
     def forward(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(features, logits) of an input batch, under this path's layout and autocast.
+        """(features, logits) of an input batch, under this path's layout and autocast
+        (the logits always in fp32: :func:`features_and_logits`).
 
         The caller computes the loss inside ``autocast()`` too; backward and the
         optimiser step run outside it, as torch.autocast's documentation asks.
         """
         x = self.layout(x)
         if self.forward_fn is not None:
-            if self.compile_mode in _CUDAGRAPH_MODES and self.device_type == "cuda":
+            if self.compile_mode in CUDAGRAPH_MODES and self.device_type == "cuda":
                 # CUDA graphs reuse their output buffers: a new step starts here
                 torch.compiler.cudagraph_mark_step_begin()
             return self.forward_fn(x)
-        h = model.features(x)
-        return h, model.classify(h)
+        return features_and_logits(model, x)
 
     def describe(self) -> str:
-        return (f"precision {self.precision}, memory format "
-                f"{'channels_last' if self.channels_last else 'contiguous'}, compile {self.compile_mode}")
+        precision = self.precision_choice.text() if self.precision_choice is not None else self.precision
+        layout = "channels_last" if self.channels_last else "contiguous"
+        if self.memory_format_choice is not None:
+            layout = self.memory_format_choice.text()
+        return f"precision {precision}, memory format {layout}, compile {self.compile_mode}"
 
 
 def make_fast_path(model: nn.Module, device: torch.device, precision: str = "fp32",
                    memory_format: str = "contiguous", compile_mode: str = "off") -> FastPath:
     """Resolve the settings for ``device`` and prepare ``model`` (layout, compiled forward).
 
+    Also sets the process-wide TF32 flags (``fp32-strict`` turns TF32 off).
     torch.compile wraps a function of the batch rather than the module, so the
     state_dict keys, ``model.features``/``model.classify`` and checkpoints stay
     as they are.  Train and eval mode and each new batch shape compile once.
     """
-    fast = FastPath(device_type=device.type, amp_dtype=resolve_precision(precision, device),
-                    channels_last=resolve_channels_last(memory_format, device), compile_mode=compile_mode)
-    if fast.channels_last:
-        model.to(memory_format=torch.channels_last)
     if compile_mode not in COMPILE_MODES:
         raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile_mode!r}")
+    precision_choice = choose_precision(precision, device)
+    layout_choice = choose_memory_format(memory_format, device)
+    set_tf32(precision_choice.value != "fp32-strict")
+    fast = FastPath(device_type=device.type,
+                    amp_dtype=torch.bfloat16 if precision_choice.value == "bf16" else None,
+                    channels_last=layout_choice.value == "channels_last", compile_mode=compile_mode,
+                    precision_choice=precision_choice, memory_format_choice=layout_choice)
+    if fast.channels_last:
+        model.to(memory_format=torch.channels_last)
     if compile_mode != "off":
         def forward(x):
-            h = model.features(x)
-            return h, model.classify(h)
+            return features_and_logits(model, x)
         fast.forward_fn = torch.compile(forward, mode=None if compile_mode == "default" else compile_mode)
     return fast

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["normalize", "BatchAugment"]
+__all__ = ["normalize", "BatchAugment", "params_to"]
 
 
 def _stats(x: torch.Tensor | Sequence[float], device: torch.device | str | None) -> torch.Tensor:
@@ -42,6 +42,17 @@ def normalize(images_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor)
     if not isinstance(std, torch.Tensor) or std.dim() != 4:
         std = _stats(std, images_uint8.device)
     return images_uint8.to(torch.float32).div_(255.0).sub_(mean).div_(std)
+
+
+def params_to(packed: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dy, dx, flip) on ``device`` from the (3, n) tensor of :meth:`BatchAugment.draw_params`.
+
+    One non-blocking copy: from pageable memory the CUDA driver stages the bytes before the
+    call returns (so the source may be freed at once) without waiting for the kernels
+    already queued, and torch adds no stream synchronisation when ``non_blocking`` is set;
+    a blocking copy would make every training step wait for the previous one."""
+    packed = packed.to(device, non_blocking=True)
+    return packed[0], packed[1], packed[2].bool()
 
 
 class BatchAugment:
@@ -76,6 +87,26 @@ class BatchAugment:
             return self.mean.to(device), self.std.to(device)
         return self.mean, self.std
 
+    def draw_params(self, n: int, generator: torch.Generator | None = None,
+                    device: torch.device | str | None = None) -> torch.Tensor:
+        """The parameters of ``n`` images as one (3, n) int64 tensor: rows dy, dx, flip (0/1).
+
+        Drawn on the generator's device (else on ``device``, default ``self.device``, with the
+        global RNG) in the order dy, dx, flip.  The training loop draws on a CPU generator, so
+        a CPU and a CUDA run of one seed augment identically and a checkpoint holds only CPU
+        generator states; the packed tensor then reaches the device in one copy
+        (:func:`params_to`).
+        """
+        draw = generator.device if generator is not None else torch.device(device if device is not None else self.device)
+        p = self.crop_padding
+        dy = torch.randint(0, 2 * p + 1, (n,), generator=generator, device=draw)
+        dx = torch.randint(0, 2 * p + 1, (n,), generator=generator, device=draw)
+        if self.hflip:
+            flip = torch.rand(n, generator=generator, device=draw) < 0.5
+        else:
+            flip = torch.zeros(n, dtype=torch.bool, device=draw)
+        return torch.stack([dy, dx, flip.long()])
+
     def sample_params(
         self,
         n: int,
@@ -84,20 +115,11 @@ class BatchAugment:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Draw ``(dy, dx, flip)`` for ``n`` images: int64 offsets uniform on {0..2p}, bool flips.
 
-        Random numbers are drawn on the generator's device when a generator is given
-        (else on ``device``, default ``self.device``, with the global RNG) and the
-        results are moved to ``device`` (default: the generator's device / ``self.device``).
+        Random numbers are drawn as :meth:`draw_params` does and the results are moved to
+        ``device`` (default: the generator's device / ``self.device``) in one copy.
         """
         target = torch.device(device) if device is not None else (generator.device if generator is not None else self.device)
-        draw = generator.device if generator is not None else target
-        p = self.crop_padding
-        dy = torch.randint(0, 2 * p + 1, (n,), generator=generator, device=draw)
-        dx = torch.randint(0, 2 * p + 1, (n,), generator=generator, device=draw)
-        if self.hflip:
-            flip = torch.rand(n, generator=generator, device=draw) < 0.5
-        else:
-            flip = torch.zeros(n, dtype=torch.bool, device=draw)
-        return dy.to(target), dx.to(target), flip.to(target)
+        return params_to(self.draw_params(n, generator, device), target)
 
     def apply(
         self,

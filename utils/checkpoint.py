@@ -11,11 +11,13 @@ What a run does with its directory (``plan_run``), decided before anything is wr
   a directory without a usable checkpoint starts afresh.
 
 ``checkpoint.ckpt`` is written atomically at the start of a run (a small marker), after
-every epoch (model, optimizer, schedule, epoch, best metric and epoch, the per-epoch
-records, every RNG state including each CUDA device's and the training generators, the
-config) and at the end (``finished``; kept in full with ``save_checkpoint: true``,
-otherwise shrunk to the small marker to spare the disk).  It is read back with
-``weights_only=True`` only.
+completed epochs as :class:`CheckpointSchedule` decides (``checkpoint_every``: every epoch
+on the CPU; on a GPU often enough that saving costs < 5 % of the time), always after the
+last epoch and on Ctrl-C (model, optimizer, schedule, epoch, best metric and epoch, the
+per-epoch records, every RNG state including each CUDA device's and the training
+generators, which are CPU generators, the config) and at the end (``finished``; kept in
+full with ``save_checkpoint: true``, otherwise shrunk to the small marker to spare the
+disk).  It is read back with ``weights_only=True`` only.
 
 The best weights follow a small commit protocol so that ``best.paramOnly`` always belongs
 to the last checkpoint, whenever the process is killed: an improving epoch writes
@@ -33,6 +35,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -51,7 +54,8 @@ PENDING_PREFIX = ".best.epoch"
 PENDING_SUFFIX = ".pending"
 
 # Keys a resumed run may change: they do not change what the run computes.
-RESUME_FREE_KEYS = frozenset({"load_checkpoint", "save_checkpoint", "checkpoint_every", "description", "device",
+RESUME_FREE_KEYS = frozenset({"load_checkpoint", "save_checkpoint", "checkpoint_every", "checkpoint_every_s",
+                              "description", "device",
                               "deterministic", "optim.nonfinite",
                               # how it runs, not what it computes (a resume may move to another machine)
                               "precision", "memory_format", "compile", "num_threads", "optim.sgd_impl",
@@ -73,10 +77,15 @@ def apply_determinism(enabled: bool) -> None:
     non-deterministic kernels (cuDNN algorithm choice, atomics in CUDA
     reductions).  cuBLAS needs ``CUBLAS_WORKSPACE_CONFIG`` set before its first
     use, which is why this runs before the model reaches the device.
+
+    It is also the one place that sets cuDNN's autotuner, for runs and the
+    benchmark alike: ``cudnn.benchmark = not enabled`` (timing the candidate
+    convolution algorithms at each new input shape picks the fastest, but which
+    one wins may differ from run to run).
     """
     if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.benchmark = not enabled
     torch.use_deterministic_algorithms(enabled)
     torch.backends.cudnn.deterministic = enabled
 
@@ -96,6 +105,9 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` saved.  Each CUDA device's state is restored only where
+    the same number of devices exists (nothing in training draws from it: the shuffling and
+    augmentation generators are CPU generators, so a run resumes exactly on another device)."""
     random.setstate(_tuples(state["python"]))
     n = state["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
@@ -104,6 +116,36 @@ def set_rng_state(state: dict) -> None:
     cuda = state.get("cuda")
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
+
+
+def check_generator_states(rng: dict, where) -> None:
+    """Refuse, in one line, CPU generator states that this version cannot restore.
+
+    The global CPU state and the training generators must be CPU generator states (5056
+    bytes in torch 2.x; a CUDA generator's is a 16-byte Philox seed and offset)."""
+    size = torch.Generator().get_state().numel()
+    states = {"torch": rng.get("torch"), **rng.get("generators", {})}
+    for name, state in states.items():
+        if isinstance(state, torch.Tensor) and state.dtype == torch.uint8 and state.numel() == size:
+            continue
+        got = f"{state.numel()} bytes" if isinstance(state, torch.Tensor) else type(state).__name__
+        raise CheckpointError(f"{where} cannot be resumed here: its {name} generator state ({got}) is not a CPU "
+                              f"generator's ({size} bytes), e.g. from a version that augmented with a CUDA "
+                              "generator; use --overwrite to start the run again")
+
+
+def relay_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every optimizer state tensor shaped like its parameter the parameter's memory layout.
+
+    ``load_state_dict`` keeps the strides the buffers were saved with; fused and
+    multi-tensor kernels need a parameter, its gradient and its momentum (or Adam
+    moments) laid out alike, and a run may resume with another ``memory_format``."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                    state[key] = torch.empty_like(param).copy_(value)
 
 
 def _tuples(x):
@@ -259,6 +301,7 @@ def plan_run(cfg, stage: str, exp_root, resume: bool, overwrite: bool, check_onl
     if "model" not in ckpt:
         return RunPlan(path, "overwrite", note=f"{path} stopped before its first epoch ended; starting again "
                                                 "from epoch 1")
+    check_generator_states(ckpt["rng"], ckpt_file)
     return RunPlan(path, "resume", checkpoint=ckpt,
                    note=f"resuming {path} after epoch {ckpt['epoch']} of {ckpt['total_epochs']} "
                         f"(best epoch {ckpt['best_epoch']})")
@@ -318,6 +361,57 @@ def resume_command(stage: str, argv) -> str:
 
 
 # ---------------------------------------------------------------------------
+# When to save
+# ---------------------------------------------------------------------------
+
+# checkpoint_every = 0 on a GPU: wait at least this many times the last save's duration,
+# so that saving takes at most 1/21 < 5 % of the time.
+AUTO_SAVE_RATIO = 20
+
+
+class CheckpointSchedule:
+    """Whether a completed epoch writes checkpoint.ckpt (``fit`` also saves after the last
+    epoch and on Ctrl-C, whatever this says).
+
+    ``every_epochs`` N >= 1: every N epochs.  0 (auto): every epoch on the CPU, where an
+    epoch takes far longer than a save; on other devices once the time since the last save
+    has reached AUTO_SAVE_RATIO times that save's duration (the first epoch saves, which
+    measures it: a ResNet34 checkpoint is ~171 MB, more than an H200 epoch takes to train).
+    ``every_seconds`` > 0: also once that many seconds have passed since the last save.
+    """
+
+    def __init__(self, every_epochs: int, every_seconds: float, device_type: str,
+                 clock: Callable[[], float] = time.monotonic):
+        self.every_epochs, self.every_seconds, self.device_type = every_epochs, every_seconds, device_type
+        self.clock = clock
+        self.last_save_end = clock()          # the start of training counts as a save
+        self.last_save_seconds: Optional[float] = None
+
+    def due(self, epoch: int) -> bool:
+        since = self.clock() - self.last_save_end
+        if self.every_seconds > 0 and since >= self.every_seconds:
+            return True
+        if self.every_epochs >= 1:
+            return epoch % self.every_epochs == 0
+        if self.device_type == "cpu" or self.last_save_seconds is None:
+            return True
+        return since >= AUTO_SAVE_RATIO * self.last_save_seconds
+
+    def saved(self, started: float) -> None:
+        """A save that began at ``started`` (this schedule's clock) has just ended."""
+        now = self.clock()
+        self.last_save_seconds, self.last_save_end = now - started, now
+
+
+def _on_any_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag True on every rank when it is True on one, in a single all-reduce."""
+    if not ddp.context().enabled:
+        return flags
+    t = ddp.all_reduce_sum(torch.tensor([int(f) for f in flags], device=device))
+    return [bool(v) for v in (t > 0).tolist()]
+
+
+# ---------------------------------------------------------------------------
 # The checkpoint of a running fit
 # ---------------------------------------------------------------------------
 
@@ -327,7 +421,8 @@ class RunCheckpoint:
     ``fit`` calls: ``bind`` (once the optimizer and generators exist),
     ``restore`` (returns the first epoch to train and the best so far),
     ``save_best`` (instead of writing best.paramOnly directly) and ``save``
-    (end of every epoch).  ``run`` calls ``finish`` and ``close``.
+    (end of every epoch; it writes when the schedule says so).  ``run`` calls
+    ``finish`` and ``close``.
     """
 
     def __init__(self, rundir: RunDir, cfg, stage: str, plan: Optional[RunPlan] = None, log=None):
@@ -339,6 +434,8 @@ class RunCheckpoint:
         self.saved_epoch, self.best_epoch = 0, 0
         self.guard: Optional[NonFiniteGuard] = None
         self.stopper: Optional[GracefulStop] = None
+        self.device = torch.device("cpu")
+        self.schedule = CheckpointSchedule(cfg.checkpoint_every, cfg.checkpoint_every_s, "cpu")
 
     @property
     def resuming(self) -> bool:
@@ -346,8 +443,10 @@ class RunCheckpoint:
 
     def bind(self, model, optimizer, generators: dict, train_state=None, device=None) -> None:
         self.model, self.optimizer, self.generators = model, optimizer, generators
+        self.device = device or torch.device("cpu")
+        self.schedule = CheckpointSchedule(self.cfg.checkpoint_every, self.cfg.checkpoint_every_s, self.device.type)
         if train_state is not None:
-            self.guard = NonFiniteGuard(self.cfg.optim.nonfinite, device or torch.device("cpu"), self)
+            self.guard = NonFiniteGuard(self.cfg.optim.nonfinite, self.device, self)
             self.guard.attach(train_state)
         self.stopper = GracefulStop()
         self.stopper.install()
@@ -365,8 +464,15 @@ class RunCheckpoint:
         if set(c["track"]) != set(track):
             raise CheckpointError(f"{self.rundir.file(CHECKPOINT_FILE)} was written by another version of this "
                                   f"code (records {sorted(c['track'])}, expected {sorted(track)}); use --overwrite")
+        file = self.rundir.file(CHECKPOINT_FILE)
         self.model.load_state_dict(c["model"])
-        self.optimizer.load_state_dict(c["optimizer"])
+        try:
+            self.optimizer.load_state_dict(c["optimizer"])
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"{file} holds optimizer state that does not fit this optimizer ({exc}), "
+                                  "written by another version of this code; use --overwrite") from None
+        relay_optimizer_state(self.optimizer)
+        check_generator_states(c["rng"], file)
         set_rng_state(c["rng"])
         for name, gen in self.generators.items():
             gen.set_state(c["rng"]["generators"][name])
@@ -387,19 +493,24 @@ class RunCheckpoint:
         self.pending_epoch = epoch
 
     def save(self, epoch: int, best_acc: float, best_epoch: int, records: list, track: dict) -> None:
-        """The checkpoint of a completed epoch (every ``checkpoint_every`` epochs, the last one, and
-        on Ctrl-C); then commits its best weights; then honours Ctrl-C.
+        """The checkpoint of a completed epoch, when :class:`CheckpointSchedule` says so, after
+        the last epoch and on Ctrl-C; then commits its best weights; then honours Ctrl-C.
 
-        Under torchrun only rank 0 writes, every rank stops after the same epoch (a
-        Ctrl-C seen by any rank counts) and none goes on before the checkpoint is written."""
+        Under torchrun only rank 0 writes and decides when; one all-reduce gives every rank
+        its decision and any rank's Ctrl-C, so all stop after the same epoch, and none goes
+        on before the checkpoint is written."""
         total = self.cfg.optim.total_epoch_num
-        stop = ddp.any_rank(self.stopper is not None and self.stopper.requested)
-        if self.guard is not None and self.guard.skipped_epoch and self.log is not None:
-            self.log.info(f"epoch {epoch}: skipped {self.guard.skipped_epoch} steps with a non-finite loss or "
-                          "gradient (optim.nonfinite = skip)")
-        if epoch % self.cfg.checkpoint_every and epoch < total and not stop:
+        if self.guard is not None:
+            skipped = self.guard.end_epoch()
+            if skipped and self.log is not None:
+                self.log.info(f"epoch {epoch}: skipped {skipped} steps with a non-finite loss or gradient "
+                              "(optim.nonfinite = skip)")
+        requested = self.stopper is not None and self.stopper.requested
+        stop, due = _on_any_rank([requested, self.rundir.writes and self.schedule.due(epoch)], self.device)
+        if not (due or stop or epoch >= total):
             self._epoch_started(epoch + 1)
             return
+        started = self.schedule.clock()
         best_log = self.rundir.file(BEST_LOG_FILE)
         state = _marker(
             self.cfg, self.stage, finished=False,
@@ -419,6 +530,7 @@ class RunCheckpoint:
                 os.replace(self.rundir.file(f"{PENDING_PREFIX}{self.pending_epoch}{PENDING_SUFFIX}"),
                            self.rundir.file(BEST_PARAM_FILE))
             self.pending_epoch = None
+        self.schedule.saved(started)
         ddp.barrier()
         self.saved_epoch, self.best_epoch = epoch, int(best_epoch)
         if stop:
@@ -483,7 +595,11 @@ class NonFiniteGuard:
     stays on the device and is read every ``sync_every`` steps (and at the end
     of the epoch), so the check costs no host synchronisation per step.
     ``skip``: a step whose loss or gradients are not finite is not applied (its
-    loss counts as 0 in the epoch's mean); this reads a flag every step.
+    loss counts as 0 in the epoch's mean).  The check is computed on the device;
+    a fused optimizer (fused SGD, the CUDA default) receives it as its
+    ``found_inf`` attribute, the flag torch.amp's GradScaler uses (1 = do not
+    apply this step), and skipped steps are counted on the device and read once
+    per epoch, so no step waits; other optimizers read the flag every step.
     """
 
     def __init__(self, mode: str, device: torch.device, owner: RunCheckpoint):
@@ -495,6 +611,8 @@ class NonFiniteGuard:
         self._step_t: Optional[torch.Tensor] = None
         self._last_ok: Optional[torch.Tensor] = None
         self._params: list = []
+        self._skipped_on_device: Optional[torch.Tensor] = None
+        self._buffers_ready = False
 
     def attach(self, state) -> None:
         self._params = [p for g in state.optimizer.param_groups for p in g["params"]]
@@ -503,6 +621,15 @@ class NonFiniteGuard:
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch, self.step, self.skipped_epoch, self._bad_step, self._step_t = epoch, 0, 0, None, None
+        self._skipped_on_device = None
+
+    def end_epoch(self) -> int:
+        """The number of steps this epoch skipped (one host read, at the end of the epoch)."""
+        if self._skipped_on_device is not None:
+            self.skipped_epoch += int(self._skipped_on_device)
+            self._skipped_on_device = None
+        self.skipped_total += self.skipped_epoch
+        return self.skipped_epoch
 
     def first_bad_step(self) -> Optional[int]:
         return int(self._bad_step) if self._bad_step is not None and int(self._bad_step) > 0 else None
@@ -527,17 +654,53 @@ class NonFiniteGuard:
             raise TrainingDiverged(self.owner._diverged_text("nan or inf", self.epoch, int(self._bad_step)))
         return terms
 
-    def allow_step(self) -> bool:
+    def bad_step(self) -> Optional[torch.Tensor]:
+        """A 0-d bool on the device: the loss or a gradient is not finite (None: nothing to check).
+
+        One norm per gradient in multi-tensor kernels (``torch._foreach_norm``, in every
+        supported torch; ``torch.nn.utils.get_total_norm`` needs 2.6); NaN and inf propagate
+        through the sums, and a gradient whose norm overflows float32 counts as non-finite."""
+        bad = None if self._last_ok is None else ~self._last_ok
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if grads:
+            grads_bad = ~torch.stack(torch._foreach_norm(grads)).isfinite().all()
+            bad = grads_bad if bad is None else bad | grads_bad
+        return bad
+
+    def optimizer_step(self, optimizer, *args, **kwargs):
         if self.mode != "skip":
-            return True
-        ok = bool(self._last_ok) if self._last_ok is not None else True
-        if ok:
-            grads = [p.grad for p in self._params if p.grad is not None]
-            ok = not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
-        if not ok:
+            return optimizer.step(*args, **kwargs)
+        bad = self.bad_step()
+        if bad is None:
+            return optimizer.step(*args, **kwargs)
+        if all(group.get("fused") for group in optimizer.param_groups):
+            self._prepare_fused(optimizer)
+            optimizer.found_inf = bad.float()
+            self._skipped_on_device = bad.long() if self._skipped_on_device is None else self._skipped_on_device + bad
+            return optimizer.step(*args, **kwargs)
+        if bool(bad):  # a host read per step: only fused optimizers take the flag on the device
             self.skipped_epoch += 1
-            self.skipped_total += 1
-        return ok
+            return None
+        return optimizer.step(*args, **kwargs)
+
+    def _prepare_fused(self, optimizer) -> None:
+        """Zero momentum buffers before the first fused SGD step.
+
+        Fused SGD allocates them with ``torch.empty_like`` on its first step and, when
+        ``found_inf`` skips that step, leaves them uninitialised for the next.  A zero
+        buffer gives the identical first update (buf = 0.9 * 0 + grad, dampening 0)."""
+        if self._buffers_ready:
+            return
+        self._buffers_ready = True
+        if not isinstance(optimizer, torch.optim.SGD):
+            return  # fused Adam/AdamW initialise their moments with zeros themselves
+        for group in optimizer.param_groups:
+            if group["momentum"] == 0:
+                continue
+            for param in group["params"]:
+                state = optimizer.state[param]
+                if state.get("momentum_buffer") is None:
+                    state["momentum_buffer"] = torch.zeros_like(param)
 
 
 class _GuardedObjective:
@@ -556,9 +719,7 @@ class _GuardedOptimizer:
         self._inner, self._guard = inner, guard
 
     def step(self, *args, **kwargs):
-        if self._guard.allow_step():
-            return self._inner.step(*args, **kwargs)
-        return None
+        return self._guard.optimizer_step(self._inner, *args, **kwargs)
 
     def __getattr__(self, name):  # zero_grad, param_groups, state_dict...
         return getattr(self._inner, name)

@@ -150,17 +150,22 @@ class Config:
     save_features: bool = _f(False, "save penultimate features (.npy)")
     param_search: bool = _f(False, "evaluate on the validation set; run folder named by param_search_id")
     param_search_id: int = _f(0, "run folder name when param_search", check="ge0")
-    save_checkpoint: bool = _f(False, "keep the full checkpoint.ckpt after the run finishes (it is written every "
-                                      "epoch anyway; false shrinks it to a small marker at the end)")
+    save_checkpoint: bool = _f(False, "keep the full checkpoint.ckpt after the run finishes (it is written during "
+                                      "the run anyway, see checkpoint_every; false shrinks it to a small marker at the end)")
     load_checkpoint: bool = _f(False, "resume from checkpoint.ckpt (same as --resume)")
-    checkpoint_every: int = _f(1, "write checkpoint.ckpt every N epochs (and at the last one and on Ctrl-C); "
-                                  "a crash then loses up to N-1 epochs", check="ge1")
+    checkpoint_every: int = _f(0, "write checkpoint.ckpt every N epochs; 0 = auto: every epoch on CPU, on a GPU once "
+                                  "the time since the last save is >= 20x its duration (saving < 5 % of the time); "
+                                  "always after the last epoch and on Ctrl-C", check="ge0")
+    checkpoint_every_s: float = _f(0.0, "also write checkpoint.ckpt once this many seconds have passed since the "
+                                        "last one (0 = off): bounds the time a crash can cost", check="ge0")
     deterministic: bool = _f(False, "deterministic algorithms (repeatable CPU and CUDA runs; slower on CUDA)")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     # --- speed (README "Performance"); none changes what is computed beyond rounding ---
-    precision: str = _f("auto", "autocast dtype of forward passes (auto = bf16 on CUDA, fp32 on CPU)",
-                        ("auto", "fp32", "bf16"))
-    memory_format: str = _f("auto", "layout of images and conv weights (auto = channels_last on CUDA, contiguous on CPU)",
+    precision: str = _f("auto", "autocast dtype of forward passes (auto = bf16 on CUDA with compute capability >= 8.0, "
+                                "else fp32; fp32 allows TF32 convolutions on such GPUs, fp32-strict does not)",
+                        ("auto", "fp32", "fp32-strict", "bf16"))
+    memory_format: str = _f("auto", "layout of images and conv weights (auto = channels_last on CUDA with compute "
+                                    "capability >= 8.0, else contiguous)",
                             ("auto", "channels_last", "contiguous"))
     compile: str = _f("off", "torch.compile mode of the forward pass (off = eager)",
                       ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))

@@ -45,6 +45,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from utils.accel import features_and_logits
+
 __all__ = ["Dist", "context", "setup", "teardown", "chunk_bounds", "chunk_sizes", "gather_rows",
            "gather_rows_autograd", "all_reduce_sum", "any_rank", "barrier", "broadcast_module",
            "convert_sync_batchnorm", "agree", "FeaturesAndLogits", "FORCE_ENV"]
@@ -326,8 +328,7 @@ class FeaturesAndLogits(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor):
-        h = self.model.features(x)
-        return h, self.model.classify(h)
+        return features_and_logits(self.model, x)  # the classifier in fp32, as FastPath.forward does
 
 
 def wrap_ddp(model: nn.Module, device: torch.device, sync_bn: bool):

@@ -19,6 +19,12 @@ def class_balanced_weights(class_counts: Sequence[int], beta: float) -> torch.Te
     return weights.float()
 
 
+def one_hot_like(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Targets [c = y_i] in the logits' shape and dtype.  A scatter rather than F.one_hot, whose
+    CPU version reads the labels' min and max back (a host read in every step)."""
+    return torch.zeros_like(logits).scatter_(1, labels.unsqueeze(1), 1.0)
+
+
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels)
 
@@ -38,7 +44,7 @@ def sigmoid_bias_init(n_classes: int) -> float:
 def class_balanced_sigmoid(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """mean_i w_{y_i} * sum_c BCE(z_ic, [c = y_i]) (one-hot targets, summed over classes)."""
     logits = logits.float()
-    one_hot = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+    one_hot = one_hot_like(logits, labels)
     bce = F.binary_cross_entropy_with_logits(logits, one_hot, reduction="none").sum(dim=1)
     return (weights[labels] * bce).mean()
 
@@ -49,7 +55,7 @@ def class_balanced_focal(logits: torch.Tensor, labels: torch.Tensor, weights: to
     m = (1 - p_t)^gamma written in the numerically stable form
     exp(-gamma * y * z - gamma * log(1 + exp(-z))) (log(1 + exp(-z)) as softplus(-z))."""
     logits = logits.float()
-    one_hot = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+    one_hot = one_hot_like(logits, labels)
     bce = F.binary_cross_entropy_with_logits(logits, one_hot, reduction="none")
     modulator = torch.exp(-gamma * one_hot * logits - gamma * F.softplus(-logits))
     return (weights[labels] * (modulator * bce).sum(dim=1)).mean()
@@ -76,27 +82,29 @@ def dot_regression(logits: torch.Tensor, labels: torch.Tensor, features: torch.T
     return per_sample.mean()
 
 
-def nc_terms(labels: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def nc_terms(labels: torch.Tensor, features: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The two feature terms of the NC loss on a mini-batch (before lambda1 / lambda2).
 
     within = sum_i ||h_i - mu_{y_i}||^2 / m_{y_i}   (batch class means mu_c and counts m_c)
     angle  = mean over the classes present in the batch of min_{c' != c} arccos(cos(mu_c, mu_c') - 0.01)
     The angle term is 0 when fewer than two classes (with a non-zero mean) are present.
+
+    Written on fixed K x K shapes with masks (classes absent from the batch have mean 0 and
+    are masked out), so that no step waits for the device to learn which classes are present.
     """
     h = features.float()
-    k = int(labels.max()) + 1
-    counts = torch.bincount(labels, minlength=k).to(h.dtype)
-    sums = torch.zeros(k, h.shape[1], dtype=h.dtype, device=h.device).index_add(0, labels, h)
+    counts = torch.zeros(n_classes, dtype=h.dtype, device=h.device).index_add_(0, labels, torch.ones_like(h[:, 0]))
+    sums = torch.zeros(n_classes, h.shape[1], dtype=h.dtype, device=h.device).index_add(0, labels, h)
     means = sums / counts.clamp_min(1).unsqueeze(1)
     within = ((h - means[labels]).pow(2).sum(dim=1) / counts[labels]).sum()
     norms = means.norm(dim=1)
     present = (counts > 0) & (norms > 0)
-    if int(present.sum()) < 2:
-        return within, h.new_zeros(())
-    unit = means[present] / norms[present].unsqueeze(1)
+    unit = means / torch.where(present, norms, torch.ones_like(norms)).unsqueeze(1)
     cos = unit @ unit.t()
     # cos - 0.01 keeps arccos away from its infinite slope at 1; the clamp only guards cos ~ -1.
     angles = torch.arccos((cos - 0.01).clamp(min=-1.0 + 1e-6))
-    eye = torch.eye(angles.shape[0], dtype=torch.bool, device=angles.device)
-    angles = angles.masked_fill(eye, math.inf)
-    return within, angles.min(dim=1).values.mean()
+    others = present.unsqueeze(0) & ~torch.eye(n_classes, dtype=torch.bool, device=h.device)
+    nearest = angles.masked_fill(~others, math.inf).min(dim=1).values
+    n_present = present.sum()
+    mean_nearest = torch.where(present, nearest, torch.zeros_like(nearest)).sum() / n_present.clamp_min(1)
+    return within, torch.where(n_present >= 2, mean_nearest, torch.zeros_like(mean_nearest))

@@ -8,10 +8,17 @@ within-class and between-class-angle feature terms).  DRW: during the first
 0-based ``drw <= epoch`` test), the term keeping its name so that the logged
 columns stay the same.
 
-Weight decay (SPEC 6.1) is the explicit term ``weight_decay * sum ||w||^2 / 2``
-over the *decayed* parameters, a subset of the trained ones narrowed by
+Weight decay (SPEC 6.1) is the term ``weight_decay * sum ||w||^2 / 2`` over the
+*decayed* parameters, a subset of the trained ones narrowed by
 ``weight_decay_conv/bn/identity_bn/limit/target``; with AdamW it is the
-optimiser's decoupled decay on every trained parameter instead.
+optimiser's decoupled decay on every trained parameter instead.  With SGD, the
+gradient of the term on whole decayed tensors, ``weight_decay * w``, is what
+SGD's own (coupled) ``weight_decay`` adds to the gradient before momentum, so
+those tensors get it there, in one fused or multi-tensor kernel, and the term's
+value is computed without a graph (SPEC 6.1 allows exactly this;
+tests/test_weight_decay.py shows that the loss, the gradients and the SGD steps
+agree to float32 rounding).  Only classifier rows picked by
+``weight_decay_target`` keep a term with a gradient.
 """
 from __future__ import annotations
 
@@ -25,7 +32,8 @@ from utils.accel import sgd_kwargs
 from utils.config import Config
 from utils.losses import (class_balanced_focal, class_balanced_sigmoid, class_balanced_softmax,
                           class_balanced_weights, cross_entropy, dot_regression, nc_terms, sigmoid_bias_init)
-from utils.regularizers import DEFAULT_NORM_PARAM, classifier_weight, feature_penalty, weight_decay_penalty
+from utils.regularizers import (DEFAULT_NORM_PARAM, classifier_weight, feature_penalty, weight_decay_penalty,
+                                weight_decay_penalty_value)
 
 GROUP_NAMES = ("Many", "Medium", "Few")
 
@@ -72,16 +80,30 @@ def drw_active(cfg: Config, epoch: int) -> bool:
 
 @dataclass
 class DecayEntry:
-    """One decayed tensor; ``rows`` selects classifier rows (None = the whole tensor)."""
+    """One decayed tensor; ``rows`` indexes classifier rows (None = the whole tensor).
+
+    The row indices are a long tensor on the parameter's device, fixed once: selecting
+    with them is a gather (a boolean mask would make every step wait for the device)."""
     name: str
     param: nn.Parameter
     rows: Optional[torch.Tensor] = None
 
     def tensor(self) -> torch.Tensor:
-        return self.param if self.rows is None else self.param[self.rows]
+        return self.param if self.rows is None else self.param.index_select(0, self.rows)
 
     def numel(self) -> int:
-        return int(self.tensor().numel())
+        if self.rows is None:
+            return self.param.numel()
+        return self.rows.numel() * (self.param.numel() // max(self.param.shape[0], 1))
+
+
+def coupled_decay(cfg: Config, decayed: Sequence[DecayEntry]) -> list[nn.Parameter]:
+    """The decayed tensors whose decay gradient SGD applies through its ``weight_decay``:
+    the whole ones, when the optimiser is SGD and the decay is on."""
+    o = cfg.optim
+    if o.optimizer != "SGD" or o.weight_decay <= 0:
+        return []
+    return [d.param for d in decayed if d.rows is None]
 
 
 class Objective:
@@ -89,17 +111,24 @@ class Objective:
 
     ``set_epoch(epoch)`` (1-based) is called by the training loop before each
     epoch; it switches DRW.  ``classifier`` is needed by the DR losses.
+    ``couple_decay=False`` keeps the whole weight-decay term with its gradient (the
+    published code's way; for references and the benchmark's naive pipeline).
     """
 
     def __init__(self, cfg: Config, class_counts: Sequence[int], decayed: Sequence, device: torch.device,
-                 classifier: Optional[nn.Module] = None):
+                 classifier: Optional[nn.Module] = None, couple_decay: bool = True):
         o = cfg.optim
         self.cfg = cfg
         self.main_name = main_loss_name(cfg)
         self.decayed = [d if isinstance(d, DecayEntry) else DecayEntry("", d) for d in decayed]
         self.classifier = classifier
+        self.n_classes = len(class_counts)
         # no term at all when nothing decays (e.g. stage 2 with weight_decay_target all false)
-        self.explicit_decay = o.weight_decay > 0 and o.optimizer != "AdamW" and len(self.decayed) > 0
+        self.decay_term = o.weight_decay > 0 and o.optimizer != "AdamW" and len(self.decayed) > 0
+        # the optimiser applies these tensors' decay gradient (make_optimizer reads this list)
+        self.coupled_decay = coupled_decay(cfg, self.decayed) if couple_decay else []
+        coupled = {id(p) for p in self.coupled_decay}
+        self.explicit_decay = [d for d in self.decayed if id(d.param) not in coupled]
         self.fallback_to_ce = False
         self.weights = None
         if o.loss_type == "CB":
@@ -130,24 +159,37 @@ class Objective:
             return {self.main_name: class_balanced_focal(logits, labels, w, o.cb_gamma)}
         if kind == "dr":
             return {self.main_name: dot_regression(logits, labels, features, classifier_weight(self.classifier), w)}
-        within, angle = nc_terms(labels, features)
+        within, angle = nc_terms(labels, features, self.n_classes)
         return {self.main_name: cross_entropy(logits, labels),
                 "nc_within": o.nc_lambda1 * within, "nc_angle": -o.nc_lambda2 * angle}
 
     def __call__(self, logits, labels, features) -> dict:
         o = self.cfg.optim
         terms = self.main(logits, labels, features)
-        if self.explicit_decay:
-            terms["weight_decay"] = o.weight_decay * weight_decay_penalty([d.tensor() for d in self.decayed])
+        if self.decay_term:
+            terms["weight_decay"] = o.weight_decay * self.decay_penalty()
         if o.features_regularization > 0:
             terms["feature_reg"] = o.features_regularization * feature_penalty(features)
         return terms
 
 
+    def decay_penalty(self) -> torch.Tensor:
+        """sum ||w||^2 / 2 over the decayed set: with a gradient only where the optimiser
+        does not apply the decay itself (row-selected classifier tensors, a few at most)."""
+        penalty = None
+        if self.explicit_decay:
+            penalty = weight_decay_penalty([d.tensor() for d in self.explicit_decay])
+        if self.coupled_decay:
+            coupled = weight_decay_penalty_value(self.coupled_decay)
+            penalty = coupled if penalty is None else penalty + coupled
+        return penalty
+
+
 def make_objective(cfg: Config, class_counts: list[int], decayed: list, device: torch.device,
-                   classifier: Optional[nn.Module] = None) -> Objective:
-    """``decayed``: DecayEntry items (or bare parameters, decayed whole)."""
-    return Objective(cfg, class_counts, decayed, device, classifier)
+                   classifier: Optional[nn.Module] = None, couple_decay: bool = True) -> Objective:
+    """``decayed``: DecayEntry items (or bare parameters, decayed whole).  Build the optimizer
+    with :func:`make_optimizer` from this objective: it applies the coupled part of the decay."""
+    return Objective(cfg, class_counts, decayed, device, classifier, couple_decay)
 
 
 # ---------------------------------------------------------------------------
@@ -180,12 +222,12 @@ def module_index(name: str) -> int:
 
 
 def decayed_rows(cfg: Config, groups: Sequence[str], device=None) -> Optional[torch.Tensor]:
-    """Boolean mask of the classifier rows that decay (None = all rows)."""
+    """Indices (long) of the classifier rows that decay, in class order (None = all rows)."""
     target = cfg.optim.weight_decay_target
     if target is None or all(target):
         return None
     chosen = {g for g, on in zip(GROUP_NAMES, target) if on}
-    return torch.tensor([g in chosen for g in groups], dtype=torch.bool, device=device)
+    return torch.tensor([c for c, g in enumerate(groups) if g in chosen], dtype=torch.long, device=device)
 
 
 def decayed_parameters(model: nn.Module, trained: list[tuple[str, nn.Parameter]], cfg: Config,
@@ -215,7 +257,7 @@ def decayed_parameters(model: nn.Module, trained: list[tuple[str, nn.Parameter]]
         if o.weight_decay_limit and module_index(name) not in (o.weight_decay_target_modules or []):
             continue
         rows = decayed_rows(cfg, groups, p.device) if id(p) in classifier else None
-        if rows is not None and not bool(rows.any()):
+        if rows is not None and rows.numel() == 0:
             continue
         out.append(DecayEntry(name, p, rows))
     return out
@@ -236,11 +278,22 @@ def describe_parameters(cfg: Config, trained: list[tuple[str, nn.Parameter]], de
         if o.weight_decay_target is not None and not all(o.weight_decay_target):
             rows = [g for g, on in zip(GROUP_NAMES, o.weight_decay_target) if on]
             text += f", classifier rows of {'/'.join(rows) if rows else 'no'} classes"
+        n_coupled = len(coupled_decay(cfg, decayed))
+        if n_coupled:
+            text += f" ({n_coupled} whole tensors through SGD's weight_decay)"
     return text + f"; feature regularisation {o.features_regularization}"
 
 
-def make_optimizer(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(cfg: Config, params: list[nn.Parameter], objective: Objective) -> torch.optim.Optimizer:
+    """AdamW (decoupled decay on every parameter) or SGD with two groups: the objective's
+    ``coupled_decay`` tensors with ``weight_decay``, the other parameters without."""
     o = cfg.optim
     if o.optimizer == "AdamW":
         return torch.optim.AdamW(params, lr=o.base_lr, weight_decay=o.weight_decay)
-    return torch.optim.SGD(params, lr=o.base_lr, momentum=o.momentum, **sgd_kwargs(o.sgd_impl, params[0].device))
+    coupled = {id(p) for p in objective.coupled_decay}
+    if not coupled <= {id(p) for p in params}:
+        raise ValueError("the objective decays tensors that the optimiser does not train")
+    groups = [{"params": list(objective.coupled_decay), "weight_decay": o.weight_decay},
+              {"params": [p for p in params if id(p) not in coupled], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.SGD(groups, lr=o.base_lr, momentum=o.momentum, **sgd_kwargs(o.sgd_impl, params[0].device))

@@ -263,8 +263,8 @@ def make_train_state(p: Prepared, augment: BatchAugment, log: Optional[RunLog] =
     say(describe_parameters(cfg, named, decayed))
     if o.drw > 0:
         say(f"DRW: epochs 1-{o.drw} train with plain CE, {o.loss_type} from epoch {o.drw + 1}")
-    optimizer = make_optimizer(cfg, params)
     objective = make_objective(cfg, p.data.class_counts, decayed, device, classifier=model.classifier)
+    optimizer = make_optimizer(cfg, params, objective)  # SGD applies the objective's coupled decay
 
     maxnorm = MaxNorm(model.classifier, norm_param(cfg)) if o.norm_type == "maxnorm" else None
     if maxnorm is not None:
@@ -278,8 +278,10 @@ def make_train_state(p: Prepared, augment: BatchAugment, log: Optional[RunLog] =
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
 
+    # both on the CPU whatever the device: one seed shuffles and augments alike on CPU and CUDA,
+    # and checkpoints hold CPU generator states only (a run may resume on another device)
     shuffle_gen = torch.Generator().manual_seed(cfg.seeds)
-    aug_gen = torch.Generator(device=device).manual_seed(cfg.seeds + 1)
+    aug_gen = torch.Generator().manual_seed(cfg.seeds + 1)
     forward = None
     if ddp.context().enabled:
         # every rank draws the same shuffle and augmentation numbers (utils/distributed.py)

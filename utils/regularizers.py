@@ -14,6 +14,28 @@ def weight_decay_penalty(params: Iterable[torch.Tensor]) -> torch.Tensor:
     return 0.5 * torch.stack([p.pow(2).sum() for p in params]).sum()
 
 
+@torch.no_grad()
+def weight_decay_penalty_value(params: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The value of :func:`weight_decay_penalty`, without a graph (for a term whose gradient
+    the optimiser applies).
+
+    On a GPU, in a few multi-tensor kernels (``torch._foreach_norm``, present in every
+    supported torch) instead of two launches per tensor; its tree reductions agree with
+    the explicit sum to float32 rounding.  On the CPU, where launches cost nothing, the
+    explicit sum itself: torch's CPU norm kernel accumulates float32 squares with a
+    relative error of 7e-5 on a 2.4M-element conv weight (pairwise summation: 1e-7)."""
+    params = list(params)
+    if params[0].device.type == "cpu":
+        return weight_decay_penalty(params)
+    return foreach_penalty(params)
+
+
+@torch.no_grad()
+def foreach_penalty(params: list[torch.Tensor]) -> torch.Tensor:
+    """sum ||w||^2 / 2 from one norm per tensor, computed by multi-tensor kernels."""
+    return 0.5 * torch.stack(torch._foreach_norm(params)).pow(2).sum()
+
+
 def feature_penalty(features: torch.Tensor) -> torch.Tensor:
     """mean over the batch of ||h_i||^2 / 2."""
     return 0.5 * features.float().pow(2).sum(dim=1).mean()

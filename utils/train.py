@@ -2,11 +2,13 @@
 
 The loop returns plain per-epoch records; writers (CSV, TensorBoard, logs)
 consume them.  Data lives on the training device as uint8 tensors; batches
-are sliced from a per-epoch permutation and augmented on the device.  Loss
-and accuracy are accumulated on the device and read once per epoch (plus
-every ``progress_every`` steps when a progress bar is shown): no training
-step waits for the device.  Forward passes run under a :class:`FastPath`
-(autocast dtype, memory layout, optional compiled forward).
+are sliced from a per-epoch permutation and augmented on the device, with
+crop and flip parameters drawn on a CPU generator.  Loss and accuracy are
+accumulated on the device and read once per epoch (plus every
+``progress_every`` steps when a progress bar is shown): no training step
+waits for the device (tests/test_host_syncs.py checks it).  Forward passes
+run under a :class:`FastPath` (autocast dtype, memory layout, optional
+compiled forward).
 """
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from utils.accel import _CUDAGRAPH_MODES, FastPath
-from utils.augment import BatchAugment
+from utils.accel import CUDAGRAPH_MODES, FastPath
+from utils.augment import BatchAugment, params_to
 from utils import distributed as ddp
 from utils.errors import DataError
 from utils.metrics import class_averaged_accuracy, confusion_counts
@@ -59,13 +61,16 @@ class SplitTensors:
 def _augmented_batches(split: SplitTensors, batches: list[torch.Tensor], state: "TrainState"):
     """(this rank's augmented images, labels, indices) of each global batch.
 
-    The augmentation parameters are drawn for the whole global batch and each rank
-    applies its slice: under torchrun the ranks' crops and flips differ and together
-    equal those of one process (which draws the same numbers in the same order)."""
+    The augmentation parameters are drawn on the CPU generator for the whole global batch
+    and each rank copies and applies its slice: under torchrun the ranks' crops and flips
+    differ and together equal those of one process (which draws the same numbers in the
+    same order)."""
+    device = split.labels.device
     for idx in batches:
         lo, hi = ddp.my_bounds(idx.shape[0])
-        dy, dx, flip = state.augment.sample_params(idx.shape[0], state.augment_generator, device=idx.device)
-        x = state.augment.apply(split.images[idx[lo:hi]], dy[lo:hi], dx[lo:hi], flip[lo:hi], validate=False)
+        packed = state.augment.draw_params(idx.shape[0], state.augment_generator)
+        dy, dx, flip = params_to(packed[:, lo:hi], device)
+        x = state.augment.apply(split.images[idx[lo:hi]], dy, dx, flip, validate=False)
         yield x, split.labels[idx], idx
 
 
@@ -168,8 +173,8 @@ class TrainState:
     augment: BatchAugment
     batch_size: int
     n_classes: int
-    shuffle_generator: torch.Generator
-    augment_generator: Optional[torch.Generator]
+    shuffle_generator: torch.Generator            # CPU: the epoch's permutation
+    augment_generator: Optional[torch.Generator]  # CPU: crop offsets and flips (None: the global RNG)
     after_step: Optional[Callable[[], None]] = None   # e.g. MaxNorm per step
     set_train_mode: Callable[[nn.Module], None] = field(default=lambda m: m.train())
     progress_every: int = 20
@@ -199,75 +204,103 @@ def batch_slices(n: int, batch_size: int, generator: torch.Generator,
     """
     order = torch.randperm(n, generator=generator)
     if device is not None:
-        order = order.to(device)
+        order = order.to(device, non_blocking=True)  # pageable source: staged at once (see params_to)
     batches = list(torch.split(order, batch_size))
     if len(batches) > 1 and batches[-1].numel() == 1:
         batches.pop()
     return batches
 
 
+def train_step(model: nn.Module, state: TrainState, x: torch.Tensor, y: torch.Tensor):
+    """One optimisation step on a batch: (loss, named terms, logits), nothing read back."""
+    fast = state.fast
+    with fast.autocast():
+        if state.forward is not None:
+            if fast.compile_mode in CUDAGRAPH_MODES and fast.device_type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # as FastPath.forward: CUDA graphs reuse outputs
+            h, logits = state.forward(fast.layout(x))
+            # the loss of the global batch, from every rank's outputs (utils/distributed.py)
+            h, logits = ddp.gather_rows_autograd(h, y.shape[0]), ddp.gather_rows_autograd(logits, y.shape[0])
+        else:
+            h, logits = fast.forward(model, x)
+        terms = state.objective(logits, y, h)
+        loss = sum(terms.values())
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    state.optimizer.step()
+    if state.after_step is not None:
+        state.after_step()
+    return loss, terms, logits
+
+
+class EpochTotals:
+    """What one training epoch accumulates, kept on the device and read once at its end."""
+
+    def __init__(self, n_images: int, n_batches: int, n_classes: int, device: torch.device):
+        self.term_sums: dict[str, torch.Tensor] = {}
+        self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        self.correct = torch.zeros(n_images, dtype=torch.bool, device=device)
+        self.sample_loss = torch.full((n_images,), float("nan"), device=device)  # per-image CE, for per-class plots
+        self.counts = torch.zeros(n_classes, n_classes, dtype=torch.long, device=device)
+        self.step_loss = torch.full((n_batches,), float("nan"), device=device)  # the loss of every step
+        self.images = 0  # trained images (the global batches), known on the host
+
+    @torch.no_grad()
+    def add(self, step: int, loss: torch.Tensor, terms: dict, logits: torch.Tensor, y: torch.Tensor,
+            idx: torch.Tensor) -> None:
+        bs = y.shape[0]
+        self.images += bs
+        self.loss_sum += loss.detach().double() * bs
+        self.step_loss[step - 1] = loss.detach()
+        for name, value in terms.items():
+            self.term_sums[name] = self.term_sums.get(name, 0) + value.detach().double() * bs
+        pred = logits.detach().argmax(dim=1)
+        self.correct[idx] = pred == y
+        self.sample_loss[idx] = F.cross_entropy(logits.detach().float(), y, reduction="none")
+        accumulate_confusion(self.counts, pred, y)
+
+    def progress(self) -> dict:
+        """The running loss and accuracy for a progress bar (a host read)."""
+        return {"loss": f"{float(self.loss_sum) / self.images:.4f}",
+                "acc": f"{float(self.counts.diagonal().sum()) / self.images:.3f}"}
+
+    def result(self, epoch: int) -> dict:
+        """The epoch's record and per-image arrays (the epoch's host reads)."""
+        seen = self.images
+        if seen == 0:
+            raise DataError("the training split yielded no batch")
+        record = {"train_loss": float(self.loss_sum) / seen}
+        for name, value in self.term_sums.items():
+            record[f"train_{name}"] = float(value) / seen
+        record["train_acc"] = float(self.counts.diagonal().sum()) / seen
+        record["train_acc_cls"] = class_averaged_accuracy(self.counts.cpu())
+        if not math.isfinite(record["train_loss"]):
+            raise FloatingPointError(f"training loss became {record['train_loss']} in epoch {epoch}")
+        return {"record": record, "correct": self.correct.cpu(), "sample_loss": self.sample_loss.cpu(),
+                "step_loss": self.step_loss.cpu(), "images": seen}
+
+
 def train_one_epoch(model: nn.Module, split, state: TrainState, epoch: int,
                     total_epochs: int, show_progress: bool = True, max_steps: Optional[int] = None) -> dict:
-    """One pass over the shuffled training set (``max_steps``: stop early; for benchmarks)."""
+    """One pass over the shuffled training set (``max_steps``: stop early; for benchmarks).
+
+    Returns ``record`` (the epoch's metrics.csv values), the per-image ``correct`` and
+    ``sample_loss``, ``step_loss`` and ``images``, the number of images trained (global
+    batches under torchrun)."""
     state.set_train_mode(model)
-    device = split.labels.device
-    n = len(split)
-    fast = state.fast
     n_batches, batches = train_batches(split, state, max_steps)
-    term_sums: dict[str, torch.Tensor] = {}
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct_mask = torch.zeros(n, dtype=torch.bool, device=device)
-    sample_loss = torch.full((n,), float("nan"), device=device)  # per-image CE, for per-class loss plots
-    counts = torch.zeros(state.n_classes, state.n_classes, dtype=torch.long, device=device)
-    step_loss = torch.full((n_batches,), float("nan"), device=device)  # the loss of every step
-    seen = 0
+    totals = EpochTotals(len(split), n_batches, state.n_classes, split.labels.device)
     bar = None
     if show_progress and tqdm is not None and ddp.context().is_main:
         bar = tqdm(total=n_batches, desc=f"epoch {epoch}/{total_epochs}", leave=False,
                    disable=None, file=sys.stderr, dynamic_ncols=True)
     for step, (x, y, idx) in enumerate(batches, start=1):
-        with fast.autocast():
-            if state.forward is not None:
-                if fast.compile_mode in _CUDAGRAPH_MODES and fast.device_type == "cuda":
-                    torch.compiler.cudagraph_mark_step_begin()  # as FastPath.forward: CUDA graphs reuse outputs
-                h, logits = state.forward(fast.layout(x))
-                # the loss of the global batch, from every rank's outputs (utils/distributed.py)
-                h, logits = ddp.gather_rows_autograd(h, y.shape[0]), ddp.gather_rows_autograd(logits, y.shape[0])
-            else:
-                h, logits = fast.forward(model, x)
-            terms = state.objective(logits, y, h)
-            loss = sum(terms.values())
-        state.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        state.optimizer.step()
-        if state.after_step is not None:
-            state.after_step()
-        with torch.no_grad():
-            bs = y.shape[0]
-            seen += bs
-            loss_sum += loss.detach().double() * bs
-            step_loss[step - 1] = loss.detach()
-            for name, value in terms.items():
-                term_sums[name] = term_sums.get(name, 0) + value.detach().double() * bs
-            pred = logits.detach().argmax(dim=1)
-            correct_mask[idx] = pred == y
-            sample_loss[idx] = F.cross_entropy(logits.detach().float(), y, reduction="none")
-            accumulate_confusion(counts, pred, y)
+        loss, terms, logits = train_step(model, state, x, y)
+        totals.add(step, loss, terms, logits, y, idx)
         if bar is not None and not bar.disable:
             bar.update(1)
             if step % state.progress_every == 0 or step == n_batches:  # the only host syncs
-                bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}",
-                                acc=f"{float(counts.diagonal().sum()) / seen:.3f}")
+                bar.set_postfix(**totals.progress())
     if bar is not None:
         bar.close()
-    if seen == 0:
-        raise DataError("the training split yielded no batch")
-    record = {"train_loss": float(loss_sum) / seen}
-    for name, value in term_sums.items():
-        record[f"train_{name}"] = float(value) / seen
-    record["train_acc"] = float(counts.diagonal().sum()) / seen
-    record["train_acc_cls"] = class_averaged_accuracy(counts.cpu())
-    if not math.isfinite(record["train_loss"]):
-        raise FloatingPointError(f"training loss became {record['train_loss']} in epoch {epoch}")
-    return {"record": record, "correct": correct_mask.cpu(), "sample_loss": sample_loss.cpu(),
-            "step_loss": step_loss.cpu()}
+    return totals.result(epoch)
