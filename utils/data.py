@@ -318,6 +318,8 @@ def _ensure_cifar(name: str, spec: dict, root: Path, download: bool) -> Path:
     fill = f"Put the official python version ({spec['tarball']}, extracted) there."
     if not download:
         raise DataError(f"{spec['pretty']} not found under {folder} (download=False). {fill}")
+    created = [p for p in [root, *root.parents] if not p.exists()]
+    before = set(root.iterdir()) if root.is_dir() else set()
     try:
         import torchvision.datasets as tvd
 
@@ -326,6 +328,7 @@ def _ensure_cifar(name: str, spec: dict, root: Path, download: bool) -> Path:
         cls(str(root), train=True, download=True)
         cls(str(root), train=False, download=True)
     except Exception as e:
+        _remove_partial_download(root, before, created)
         raise DataError(
             f"{spec['pretty']} not found under {folder} and could not be downloaded "
             f"({type(e).__name__}: {_one_line(e)}). {fill}"
@@ -333,6 +336,24 @@ def _ensure_cifar(name: str, spec: dict, root: Path, download: bool) -> Path:
     if not folder.is_dir():
         raise DataError(f"{spec['pretty']} not found under {folder} after downloading. {fill}")
     return folder
+
+
+def _remove_partial_download(root: Path, before: set, created: list) -> None:
+    """A failed download (offline) leaves what it found: its partial files and the folders it
+    made go (an empty ``datasets/`` would look like a data root someone had prepared)."""
+    import shutil
+
+    if root.is_dir():
+        for entry in set(root.iterdir()) - before:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+    for folder in created:  # deepest first
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 def _load_cifar(name: str, root: Path, imb_type: str, imb_factor: float, download: bool) -> LTData:
