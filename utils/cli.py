@@ -15,7 +15,8 @@ import warnings
 from typing import Optional, Sequence
 
 from utils.errors import RunDirError, RunInterrupted, TrainingDiverged, UserError
-from utils.config import ConfigError, add_config_flags, overrides_from_flags, parse_bool, resolve, unencodable
+from utils.config import (ConfigError, add_config_flags, has_control_character, overrides_from_flags, parse_bool,
+                          resolve, unencodable)
 
 DESCRIPTIONS = {
     "first": "Stage 1: train a backbone on long-tailed data (weight decay, feature regularisation, "
@@ -40,6 +41,7 @@ class _OneLineParser(argparse.ArgumentParser):
     of usage text and ``sys.exit(2)``."""
 
     def error(self, message: str):  # type: ignore[override]
+        message = one_line(message)
         if message.startswith("unrecognized arguments:"):
             unknown = message.split(":", 1)[1].split()
             flag = next((u for u in unknown if u.startswith("-")), None)
@@ -89,9 +91,15 @@ def _rank() -> int:
     return int(text) if text.isdigit() else 0
 
 
+def one_line(text: str) -> str:
+    """Text with its control characters (a newline in a file name or a flag value) escaped."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 def _report(message: str, same_on_every_rank: bool = True) -> None:
     """Print a final message once: on rank 0, and on the other ranks of a torchrun launch
     only when it may be their own (not a config error, which every rank shares)."""
+    message = one_line(message)
     rank = _rank()
     if rank == 0:
         print(message, file=sys.stderr, flush=True)
@@ -154,8 +162,8 @@ def check_exp_root(exp_root: str) -> None:
     if not exp_root.strip():
         raise RunDirError(f"--exp_root {exp_root!r} is empty; give the folder for the run directories (default: exp)")
     bad = unencodable(exp_root)
-    if bad is not None or "\x00" in exp_root:
-        what = f"{bad}, a lone surrogate" if bad is not None else "a NUL character"
+    if bad is not None or has_control_character(exp_root):
+        what = f"{bad}, a lone surrogate" if bad is not None else "a control character"
         raise RunDirError(f"--exp_root {exp_root!r} contains {what}; give a path in valid Unicode")
 
 
@@ -187,6 +195,18 @@ def check_distinct_run_dirs(configs) -> None:
             raise ConfigError(f"seeds {seen[sub]} and {cfg.seeds} would both write to {sub} ({why}); give each "
                               "run its own directory")
         seen[sub] = cfg.seeds
+
+
+def configs_from_command_line(stage: str, argv: Sequence[str]):
+    """(parsed flags, one validated Config per seed); any problem is a ConfigError or RunDirError."""
+    args = build_parser(stage).parse_args(list(argv))
+    check_exp_root(args.exp_root)
+    overrides = overrides_from_flags(args)
+    base = resolve(stage, args.json_path or None, overrides)
+    seeds = args.seeds if args.seeds is not None else [base.seeds]
+    configs = [resolve(stage, args.json_path or None, {**overrides, "seeds": s}) for s in seeds]
+    check_distinct_run_dirs(configs)
+    return args, configs
 
 
 def _on_every_rank(check) -> None:
@@ -222,14 +242,9 @@ def _main(stage: str, argv: Optional[Sequence[str]] = None) -> int:
     os.environ["MPLBACKEND"] = "Agg"
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = build_parser(stage).parse_args(argv)
         check_environment()
-        check_exp_root(args.exp_root)
-        overrides = overrides_from_flags(args)
-        base = resolve(stage, args.json_path or None, overrides)
-        seeds = args.seeds if args.seeds is not None else [base.seeds]
-        configs = [resolve(stage, args.json_path or None, {**overrides, "seeds": s}) for s in seeds]
-        check_distinct_run_dirs(configs)
+        args, configs = configs_from_command_line(stage, argv)
+        base = configs[0]
         if stage == "second":
             epochs = base.optim.total_epoch_num
             if args.retrain and epochs <= 0:

@@ -17,6 +17,7 @@ import os
 import re
 import stat
 import typing
+import unicodedata
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -415,6 +416,11 @@ def unencodable(text: str) -> Optional[str]:
         return f"U+{ord(text[exc.start]):04X}"
 
 
+def has_control_character(text: str) -> bool:
+    """A newline, tab, escape... (Unicode category Cc): legal in a Linux path, never meant in one."""
+    return any(unicodedata.category(ch) == "Cc" for ch in text)
+
+
 def _check_text(key: str, value: str, rule: str) -> None:
     bad = unencodable(value)
     if bad is not None:
@@ -422,6 +428,8 @@ def _check_text(key: str, value: str, rule: str) -> None:
                           f"file name or a log; give {TEXT_RULES[rule]} in valid Unicode")
     if "\x00" in value:
         raise ConfigError(f"{key} = {_short(value)} contains a NUL character; give {TEXT_RULES[rule]}")
+    if rule == "path" and has_control_character(value):
+        raise ConfigError(f"{key} = {_short(value)} contains a control character; give {TEXT_RULES[rule]}")
     if rule == "name":
         _check_exp_name(value)
     elif rule == "device" and not DEVICE_PATTERN.fullmatch(value):
