@@ -318,11 +318,15 @@ def test_overwrite_moves_the_old_run_aside_and_survives_an_undeletable_file(refe
     import utils.checkpoint as checkpoint
     real_rmtree = shutil.rmtree
 
-    def rmtree(path, onerror=None, **kwargs):  # one file of the old copy cannot be deleted
-        if Path(path).name.startswith(".0.old-") and onerror is not None:
-            onerror(os.unlink, str(Path(path) / "stray.txt"), (PermissionError, PermissionError(13, "denied"), None))
+    def rmtree(path, *args, **kwargs):  # one file of the old copy cannot be deleted
+        if Path(path).name.startswith(".0.old-"):
+            denied = PermissionError(13, "Permission denied")
+            if "onexc" in kwargs:
+                kwargs["onexc"](os.unlink, str(Path(path) / "stray.txt"), denied)
+            else:
+                kwargs["onerror"](os.unlink, str(Path(path) / "stray.txt"), (PermissionError, denied, None))
             return
-        return real_rmtree(path, onerror=onerror, **kwargs)
+        return real_rmtree(path, *args, **kwargs)
     monkeypatch.setattr(checkpoint.shutil, "rmtree", rmtree)
     assert main("first", ["--json_path", "cfg.json", "--overwrite"]) == 0
     out = capsys.readouterr().out

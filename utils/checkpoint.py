@@ -413,14 +413,23 @@ def delete_old_copy(plan: RunPlan) -> Optional[str]:
     (the new run is unaffected: the copy is a hidden folder beside it)."""
     if plan.old_copy is None:
         return None
-    failures: list = []
-    shutil.rmtree(plan.old_copy, onerror=lambda fn, p, info: failures.append((p, info[1])))
+    failures = _rmtree_collecting(plan.old_copy)
     copy, plan.old_copy = plan.old_copy, None
     if not failures:
         return None
     where, exc = failures[0]
     return (f"could not delete the previous run's copy {copy} ({len(failures)} problem(s), first: {where}: "
             f"{getattr(exc, 'strerror', None) or exc}); the new run is not affected; delete it by hand")
+
+
+def _rmtree_collecting(path: Path) -> list:
+    """shutil.rmtree that goes on past a file it cannot delete; returns [(path, exception)]."""
+    failures: list = []
+    if sys.version_info >= (3, 12):  # onerror is deprecated there
+        shutil.rmtree(path, onexc=lambda fn, p, exc: failures.append((p, exc)))
+    else:
+        shutil.rmtree(path, onerror=lambda fn, p, info: failures.append((p, info[1])))
+    return failures
 
 
 # TensorBoard: the events of the final evaluation go to their own file (events.out.tfevents.*.final),

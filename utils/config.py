@@ -155,7 +155,8 @@ class OptimConfig:
 
 @dataclass
 class Config:
-    exp_name: str = _f("naive", "experiment name (a folder under exp/.../<project_name>/: a plain name, no '/', no leading or trailing space)", check="name")
+    exp_name: str = _f("naive", "experiment name (a folder under exp/.../<project_name>/: a plain name, no '/', "
+                                "no leading or trailing space)", check="name")
     project_name: str = _f("first", "stage", ("first", "second"))
     seeds: int = _f(0, "random seed", check="seed")
     description: str = _f("", "free text (any text; written escaped where it cannot be encoded)")
@@ -383,7 +384,6 @@ RANGES = {
 # Text keys: names and paths must be writable as they are; free text (description) is anything.
 TEXT_RULES = {"name": "a plain folder name", "path": "a path", "device": "auto, cpu, cuda or cuda:N"}
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]{1,4})?")
-TAU_SWEEP_MAX_CHARS = 100_000
 
 
 def _short(value: Any) -> str:

@@ -25,6 +25,7 @@ import os
 import socket
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -153,7 +154,7 @@ class RunLock:
             fd, tmp = self._write_candidate(me)
             flocked = self._try_flock(fd)
             try:
-                os.link(tmp, self.path)
+                _link_or_create(tmp, self.path, me)
             except FileExistsError:
                 outcome = self._take_over_if_stale(fd, tmp, flocked)
                 if outcome is not True:
@@ -224,11 +225,18 @@ class RunLock:
             owner = _read_owner(self.path)
             if owner is not None and (not owner.on_this_host or owner.alive()):
                 return _refusal(self.run_dir, self.path, owner)
+            if owner is None and os.fstat(existing).st_size == 0 and self._young(existing):
+                time.sleep(0.05)  # created without a hard link just now: its owner is writing it
+                return None
             os.replace(tmp, self.path)  # ours (already flocked) replaces the stale one atomically
             self.taken_over = owner or LockOwner(pid=-1, host="?", started="?")
             return True
         finally:
             os.close(existing)
+
+    @staticmethod
+    def _young(fd: int) -> bool:
+        return time.time() - os.fstat(fd).st_mtime < 2.0
 
     def release(self) -> None:
         """Drop the lock (the file goes), and the folders made for it if the run never started."""
@@ -256,6 +264,27 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _link_or_create(tmp: str, path: Path, me: LockOwner) -> None:
+    """Put the candidate lock in place; FileExistsError if a lock is there.
+
+    A hard link makes the complete file appear at once.  File systems without hard links
+    (some SMB and FUSE mounts) get an exclusive create and a write instead, where a reader may
+    briefly see an empty file (the takeover waits for it to fill or grow old)."""
+    try:
+        os.link(tmp, path)
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS):
+            raise
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, me.to_bytes())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)  # the flocked candidate takes the name: the lock is the file we hold
 
 
 def _unlink(path: str) -> None:
