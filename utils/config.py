@@ -293,18 +293,18 @@ def _coerce(value: Any, tp, key: str) -> Any:
     if base is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key} = {value!r} has the wrong type; expected true or false")
+        raise ConfigError(f"{key} = {_short(value)} has the wrong type; expected true or false")
     if base is int:
         if isinstance(value, bool):
-            raise ConfigError(f"{key} = {value!r} has the wrong type; expected an integer")
+            raise ConfigError(f"{key} = {_short(value)} has the wrong type; expected an integer")
         if isinstance(value, int):
             return value
         if isinstance(value, float) and math.isfinite(value) and value.is_integer():
             return int(value)
-        raise ConfigError(f"{key} = {value!r} has the wrong type; expected an integer")
+        raise ConfigError(f"{key} = {_short(value)} has the wrong type; expected an integer")
     if base is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} = {value!r} has the wrong type; expected a number")
+            raise ConfigError(f"{key} = {_short(value)} has the wrong type; expected a number")
         try:
             number = float(value)
         except OverflowError:
@@ -315,11 +315,11 @@ def _coerce(value: Any, tp, key: str) -> Any:
     if base is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{key} = {value!r} has the wrong type; expected a string")
+        raise ConfigError(f"{key} = {_short(value)} has the wrong type; expected a string")
     if base is list:
         if isinstance(value, list):
             return list(value)
-        raise ConfigError(f"{key} = {value!r} has the wrong type; expected a list")
+        raise ConfigError(f"{key} = {_short(value)} has the wrong type; expected a list")
     raise AssertionError(f"unhandled type for {key}: {tp}")  # pragma: no cover
 
 
@@ -479,7 +479,7 @@ def from_dict(raw: dict, source: str = "config") -> Config:
     for name, value in raw.items():
         if name in SECTIONS:
             if not isinstance(value, dict):
-                raise ConfigError(f"{name} = {value!r} has the wrong type; expected a JSON object (section)")
+                raise ConfigError(f"{name} = {_short(value)} has the wrong type; expected a JSON object (section)")
             sections[name] = _build_section(SECTIONS[name], name, value, source)
         elif name in top_known:
             top_values[name] = _coerce(value, _type_of(Config, name), name)
@@ -856,13 +856,13 @@ def resolve(stage: str, json_path: Optional[str], overrides: dict) -> Config:
         if not isinstance(raw, dict):
             raise ConfigError(f"{json_path}: the top level must be a JSON object {{...}}, not {type(raw).__name__}")
         if isinstance(raw, dict) and raw.get("project_name", stage) != stage:
-            raise ConfigError(f"project_name = {raw.get('project_name')!r} in {json_path}, "
+            raise ConfigError(f"project_name = {_short(raw.get('project_name'))} in {json_path}, "
                               f"but this is the {stage} stage ({stage}.py)")
     else:
         raw = STAGE_FLAG_DEFAULTS[stage]
         source = f"{stage}.py defaults"
     if overrides.get("project_name", stage) != stage:
-        raise ConfigError(f"--project_name {overrides['project_name']!r} does not match this script; "
+        raise ConfigError(f"--project_name {_short(overrides['project_name'])} does not match this script; "
                           f"{stage}.py always runs project_name {stage!r}")
     raw = _merge(raw, overrides)
     raw = _merge(raw, {"project_name": stage})

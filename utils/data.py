@@ -173,7 +173,8 @@ def long_tailed_counts(n_max: float, n_classes: int, imb_type: str, imb_factor: 
 
     * ``"exp"``:  ``n_c = round(n_max * imb_factor ** (c / (K-1)))``
     * ``"step"``: first ``K // 2`` classes ``round(n_max)``, the rest ``round(n_max * imb_factor)``
-    * anything else: ``round(n_max)`` for every class (balanced).
+    * ``"none"``: ``round(n_max)`` for every class (balanced).  The original took any other text
+      to mean balanced; the config (utils/config.py) accepts exactly these three names.
 
     Rounding is Python's ``round()`` (round to nearest).  Truncation with ``int()``
     (as in some published code) does NOT reproduce the published sizes: with
