@@ -417,3 +417,22 @@ def test_a_schedule_at_lr_0_for_every_epoch_is_warned_about():
         from_dict(digits_config("y", epochs=2))
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1 and "optim.total_epoch_num = 1" in messages[0] and "lr 0" in messages[0]
+
+
+def test_an_offline_cifar_download_leaves_no_empty_datasets_folder(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+    from utils.data import load_dataset
+    from utils.errors import DataError
+
+    def offline(root, train, download):
+        (Path(root) / "cifar-10-python.tar.gz").write_bytes(b"the first bytes")  # a partial download
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+    monkeypatch.setattr(tvd, "CIFAR10", offline)
+    with pytest.raises(DataError, match="could not be downloaded .*Temporary failure in name resolution"):
+        load_dataset("Cifar10", tmp_path / "datasets", "exp", 0.01, 10, download=True)
+    assert not (tmp_path / "datasets").exists()
+    (tmp_path / "datasets").mkdir()
+    (tmp_path / "datasets" / "README.md").write_text("the data root")
+    with pytest.raises(DataError):
+        load_dataset("Cifar10", tmp_path / "datasets", "exp", 0.01, 10, download=True)
+    assert [p.name for p in (tmp_path / "datasets").iterdir()] == ["README.md"], "what was there stays"
