@@ -321,6 +321,9 @@ def _finished_run(c, base_lr):
     return run
 
 
+_FULL = {"model": {}, "optimizer": {}, "best_acc": 0.5, "records": [], "track": {}, "rng": {}}  # a full checkpoint's keys
+
+
 def _killed_in_final_evaluation(c):
     """acc.json written, the checkpoint not marked finished (a kill during the final evaluation)."""
     run = c.tmp / RUN
@@ -328,7 +331,7 @@ def _killed_in_final_evaluation(c):
     raw = _config()
     (run / "args.json").write_text(json.dumps(raw))
     (run / "acc.json").write_text('{"All": 0.5, "Many": 0.5, "Medium": 0.5, "Few": 0.5}')
-    _marker(run / "checkpoint.ckpt", raw, finished=False, epoch=2, model={}, best_epoch=1)
+    _marker(run / "checkpoint.ckpt", raw, finished=False, epoch=2, best_epoch=1, **_FULL)
     return _first(c)
 
 
@@ -337,7 +340,7 @@ def _best_weights_gone(c):
     run.mkdir(parents=True)
     raw = _config()
     (run / "args.json").write_text(json.dumps(raw))
-    _marker(run / "checkpoint.ckpt", raw, finished=False, epoch=2, model={}, best_epoch=1)
+    _marker(run / "checkpoint.ckpt", raw, finished=False, epoch=2, best_epoch=1, **_FULL)
     return _first(c) + ["--resume"]
 
 
@@ -374,19 +377,19 @@ CASES = [
     ("wrong type (flag)", "first", lambda c: _first(c) + ["--model_use_etf", "maybe"],
      "--model_use_etf 'maybe': expected true/false/1/0"),
     ("imb_factor 0", "first", lambda c: _first(c, data__imb_factor=0),
-     "data.imb_factor = 0.0 must be a number in (0, 1]"),
+     "data.imb_factor = 0.0 must be > 0 (a number in (0, 1])"),
     ("imb_factor > 1", "first", lambda c: _first(c) + ["--data_imb_factor", "1.5"],
-     "data.imb_factor = 1.5 must be a number in (0, 1]"),
+     "data.imb_factor = 1.5 must be <= 1 (a number in (0, 1])"),
     ("batch_size < 1", "first", lambda c: _first(c, data__batch_size=0),
-     "data.batch_size = 0 must be an integer in [1, 2**20]"),
+     "data.batch_size = 0 must be >= 1 (an integer in [1, 2**20])"),
     ("negative lr", "first", lambda c: _first(c, optim__base_lr=-0.01),
-     "optim.base_lr = -0.01 must be a number in [0, 100]"),
+     "optim.base_lr = -0.01 must be >= 0 (a number in [0, 100])"),
     ("negative weight decay", "first", lambda c: _first(c, optim__weight_decay=-5e-3),
-     "optim.weight_decay = -0.005 must be a number in [0, 100]"),
+     "optim.weight_decay = -0.005 must be >= 0 (a number in [0, 100])"),
     ("n_classes not the data's", "first", lambda c: _first(c, data__n_classes=9),
      "data.n_classes = 9 does not match Digits (10 classes)"),
     ("seed out of range", "first", lambda c: _first(c) + ["--seeds", "-1"],
-     "seeds = -1 must be an integer in [0, 2**32 - 1]"),
+     "seeds = -1 must be >= 0 (an integer in [0, 2**32 - 1])"),
     # --- paths that would escape their roots ---
     ("exp_name with ..", "first", lambda c: _first(c, exp_name="../../outside"),
      "exp_name = '../../outside' is not allowed; use a plain folder name"),
@@ -442,22 +445,22 @@ CASES = [
     ("device index of an absent GPU", "first", lambda c: _first(c, device="cuda:999"), "device = 'cuda:999' but "),
     # === class 2: numbers too large or too small for what consumes them ===
     ("batch beyond 2**20", "first", lambda c: _first(c, data__batch_size=2 ** 40),
-     "data.batch_size = 1099511627776 must be an integer in [1, 2**20]"),
+     "data.batch_size = 1099511627776 must be <= 2**20 (an integer in [1, 2**20])"),
     ("threads beyond a C long", "first", lambda c: _first(c) + ["--num_threads", str(10 ** 30)],
-     "num_threads = 1000000000000000000000000000000 must be an integer in [0, 4096]"),
+     "num_threads = 1000000000000000000000000000000 must be <= 4096 (an integer in [0, 4096])"),
     ("epochs that never end", "first", lambda c: _first(c, optim__total_epoch_num=10 ** 9),
-     "optim.total_epoch_num = 1000000000 must be an integer in [0, 100000]"),
+     "optim.total_epoch_num = 1000000000 must be <= 100000 (an integer in [0, 100000])"),
     ("MLP of terabytes", "first", lambda c: _first(c, model__mlp_features_d=16384, model__mlp_hlayer_n=64),
      "model.mlp_features_d = 16384 with model.mlp_hlayer_n = 64 asks BNMLP for"),
     ("batch of 1 cannot train BatchNorm", "first", lambda c: _first(c, data__batch_size=1),
      "data.batch_size = 1 cannot train: every model here has BatchNorm"),
     ("L2 normalisation rate 0 (divides)", "second", lambda c: (_stage1(c), _second(c))[1] + [
         "--optim_norm_type", "L2", "--optim_norm_param", "0"],
-     "optim.norm_param = 0.0 must be a number in [0.0001, 10000] with optim.norm_type = 'L2'"),
+     "optim.norm_param = 0.0 must be >= 0.0001 (a number in [0.0001, 10000]) with optim.norm_type = 'L2'"),
     ("learning rate 0 in float32", "first", lambda c: _first(c, optim__base_lr=1e-45),
      "optim.base_lr = 1e-45 is below the smallest normal float32"),
     ("ETF norm rate that overflows", "first", lambda c: _first(c, model__etf_norm_rate=1e-30),
-     "model.etf_norm_rate = 1e-30 must be a number in [0.0001, 10000]"),
+     "model.etf_norm_rate = 1e-30 must be >= 0.0001 (a number in [0.0001, 10000])"),
     ("multiplicative tau beyond float32", "first",
      lambda c: _first(c, model__logit_adjustment_tau=50.0, model__use_additive_logit_adjustment=False),
      "model.logit_adjustment_tau: tau 50 with multiplicative adjustment scales the rarest class's logit"),
@@ -466,7 +469,7 @@ CASES = [
     ("out of memory at the first step", "first", _oom_at_first_step,
      "out of memory on cpu in the first epoch (data.batch_size = 64, data.eval_batch_size = 64"),
     ("parameter_search_id beyond its range", "first", lambda c: _first(c, param_search_id=2 ** 63),
-     "param_search_id = 9223372036854775808 must be an integer in [0, 2**32 - 1]"),
+     "param_search_id = 9223372036854775808 must be <= 2**32 - 1 (an integer in [0, 2**32 - 1])"),
     ("NaN in the JSON", "first", _nan_literal, "optim.base_lr = nan must be a finite number"),
     # === class 3: unbounded inputs ===
     ("config from /dev/zero", "first", lambda c: ["--json_path", "/dev/zero"],
@@ -514,6 +517,9 @@ CASES = [
      "param_search names the folder by param_search_id = 0"),
     ("resume after the last epoch without best.paramOnly", "first", _best_weights_gone,
      "best.paramOnly (the weights of best epoch 1) is missing and the checkpoint holds those of epoch 2"),
+    ("damaged checkpoint.ckpt", "first",
+     lambda c: (_marker(_unfinished_run(c, b"") / "checkpoint.ckpt", _config(), finished="yes"),
+                _first(c) + ["--resume"])[1], "checkpoint.ckpt is damaged: its 'finished' is of the wrong type"),
     ("acc.json of a run killed in its final evaluation", "first", _killed_in_final_evaluation,
      "holds an unfinished run (last completed epoch 2 of 2) and was left untouched; add --resume"),
     ("NaN stage-1 weights", "second", _bad_weights(_nan_weights),
@@ -534,6 +540,10 @@ CASES = [
      "argument --seeds: invalid int value: '1e3' (see first.py --help)"),
     ("misspelt flag", "first", lambda c: _first(c) + ["--optim_weight_decy", "0.1"],
      "unrecognized arguments: --optim_weight_decy 0.1; did you mean --optim_weight_decay?"),
+    ("--exp_root longer than a file name may be", "first", lambda c: _first(c) + ["--exp_root", "x" * 300],
+     "File name too long (check --exp_root)"),
+    ("lock file that is a folder", "first", lambda c: ((c.tmp / EXP / "first/bad/.0.lock").mkdir(parents=True),
+                                                       _first(c))[1], ".0.lock cannot be opened (Is a directory)"),
     ("exp_name over 200 bytes", "first", lambda c: _first(c, exp_name="é" * 101), "is not allowed"),
     ("OMP_NUM_THREADS not a number", "first", _with_env({"OMP_NUM_THREADS": "lots"}),
      "environment variable OMP_NUM_THREADS = 'lots' is not allowed"),

@@ -378,8 +378,8 @@ def test_stage2_on_an_unfinished_stage1_only_when_asked(reference, in_tmp, no_fi
     shutil.copytree(reference, stage1)
     from utils.checkpoint import _marker
     from utils.config import from_dict
-    torch.save(_marker(from_dict(_config()), None, finished=False, epoch=2, best_epoch=2, model={}),
-               stage1 / CHECKPOINT_FILE)
+    torch.save(_marker(from_dict(_config()), None, finished=False, epoch=2, best_epoch=2, best_acc=0.3, model={},
+                       optimizer={}, records=[], track={}, rng={}), stage1 / CHECKPOINT_FILE)
     cfg = _stage2(in_tmp, stage1, "la")
     assert main("second", ["--json_path", cfg]) == 2
     assert "has not finished (last completed epoch 2 of 3)" in capsys.readouterr().err

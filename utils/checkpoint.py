@@ -130,7 +130,18 @@ def read_checkpoint(path: Path, mmap: bool = False) -> dict:
         raise CheckpointError(f"{path} is not a checkpoint of this project; {hint}")
     if obj.get("version") != VERSION:
         raise CheckpointError(f"{path} has checkpoint version {obj.get('version')!r}, this code reads {VERSION}; {hint}")
+    required = _MARKER_KEYS if "model" not in obj else {**_MARKER_KEYS, **_STATE_KEYS}
+    for key, types in required.items():
+        if not isinstance(obj.get(key), types) or (types is int and isinstance(obj.get(key), bool)):
+            raise CheckpointError(f"{path} is damaged: its {key!r} is {'missing' if key not in obj else 'of the wrong type'}; "
+                                  f"{hint}")
     return obj
+
+
+# What every checkpoint holds (the start and finish markers too), and what a full one adds.
+_MARKER_KEYS = {"stage": str, "finished": bool, "epoch": int, "total_epochs": int, "config": dict}
+_STATE_KEYS = {"model": dict, "optimizer": dict, "best_epoch": int, "best_acc": (int, float), "records": list,
+               "track": dict, "rng": dict}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -248,8 +259,12 @@ def _check_writable(path: Path, exp_root: Path) -> None:
 def run_directory(cfg, exp_root) -> Path:
     """The run directory of a config (absolute, checked to stay inside exp_root and be writable)."""
     exp_root = Path(exp_root)
-    path = safe_join(exp_root, cfg.run_subdir())
-    _check_writable(path, exp_root)
+    try:
+        path = safe_join(exp_root, cfg.run_subdir())
+        _check_writable(path, exp_root)
+    except OSError as exc:  # a path longer than the file system allows, a folder it cannot read
+        raise RunDirError(f"cannot use the run directory {exp_root / cfg.run_subdir()}: {exc.strerror or exc} "
+                          f"(check --exp_root)") from None
     return path
 
 

@@ -325,12 +325,12 @@ def _coerce(value: Any, tp, key: str) -> Any:
 
 @dataclass(frozen=True)
 class Range:
-    """A closed or half-open interval of allowed values, and how the README shows it."""
+    """A closed or half-open interval of allowed values, and how messages and the README show it."""
     low: float
     high: float
     low_open: bool = False
     high_open: bool = False
-    shown: str = ""  # the bounds as the table shows them ("[1, 2**20]"); default: from the numbers
+    high_shown: str = ""  # the upper bound as written for a reader ("2**20"); default: the number
 
     def __contains__(self, value) -> bool:
         above = value > self.low if self.low_open else value >= self.low
@@ -339,9 +339,16 @@ class Range:
 
     def text(self, integer: bool) -> str:
         kind = "integer" if integer else "number"
-        bounds = self.shown or (f"{'(' if self.low_open else '['}{_num(self.low)}, "
-                                f"{_num(self.high)}{')' if self.high_open else ']'}")
-        return f"{kind} in {bounds}"
+        high = self.high_shown or _num(self.high)
+        return f"{kind} in {'(' if self.low_open else '['}{_num(self.low)}, {high}{')' if self.high_open else ']'}"
+
+    def violation(self, value, integer: bool) -> str:
+        """'must be >= 1 (an integer in [1, 2**20])': the side it missed, then the whole range."""
+        if value < self.low or (self.low_open and value == self.low):
+            side = f"must be {'>' if self.low_open else '>='} {_num(self.low)}"
+        else:
+            side = f"must be {'<' if self.high_open else '<='} {self.high_shown or _num(self.high)}"
+        return f"{side} ({'an' if integer else 'a'} {self.text(integer)})"
 
 
 def _num(x: float) -> str:
@@ -354,17 +361,17 @@ INT64_MAX = 2 ** 63 - 1
 # what consumes a value working: C longs (threads, seeds), allocations (batch sizes, MLP widths),
 # divisions (ratios), float32 (rates that round to 0, exponents that overflow), runs that end.
 RANGES = {
-    "ge0": Range(0, INT64_MAX, shown="[0, 2**63 - 1]"),
+    "ge0": Range(0, INT64_MAX, high_shown="2**63 - 1"),
     "gt0": Range(0, 1e6, low_open=True),
-    "ge1": Range(1, INT64_MAX, shown="[1, 2**63 - 1]"),
-    "ge2": Range(2, INT64_MAX, shown="[2, 2**63 - 1]"),
+    "ge1": Range(1, INT64_MAX, high_shown="2**63 - 1"),
+    "ge2": Range(2, INT64_MAX, high_shown="2**63 - 1"),
     "unit_open0": Range(0, 1, low_open=True),
     "unit_closed": Range(0, 1),
-    "seed": Range(0, 2 ** 32 - 1, shown="[0, 2**32 - 1]"),
+    "seed": Range(0, 2 ** 32 - 1, high_shown="2**32 - 1"),
     "threads": Range(0, 4096),
     "classes": Range(2, 100_000),
-    "batch": Range(1, 2 ** 20, shown="[1, 2**20]"),
-    "batch0": Range(0, 2 ** 20, shown="[0, 2**20]"),
+    "batch": Range(1, 2 ** 20, high_shown="2**20"),
+    "batch0": Range(0, 2 ** 20, high_shown="2**20"),
     "workers": Range(0, 256),
     "epochs": Range(0, 100_000),
     "ratio": Range(1e-4, 1e4),           # divides: 1 - (r-1) i / ((K-1) r)
@@ -403,8 +410,7 @@ def _check_field(section: str, f: dataclasses.Field, value: Any) -> None:
     if rule in TEXT_RULES:
         _check_text(key, value, rule)
     elif value not in RANGES[rule]:
-        integer = isinstance(value, int)
-        raise ConfigError(f"{key} = {_short(value)} must be {'an' if integer else 'a'} {RANGES[rule].text(integer)}")
+        raise ConfigError(f"{key} = {_short(value)} {RANGES[rule].violation(value, isinstance(value, int))}")
 
 
 def unencodable(text: str) -> Optional[str]:
@@ -532,7 +538,7 @@ NORM_PARAM_RANGES = {"L2": RANGES["ratio"], "tau": Range(0, 10), "maxnorm": Rang
 def _check_norm_param(o: "OptimConfig") -> None:
     allowed = NORM_PARAM_RANGES.get(o.norm_type)
     if o.norm_param is not None and allowed is not None and o.norm_param not in allowed:
-        raise ConfigError(f"optim.norm_param = {_short(o.norm_param)} must be a {allowed.text(False)} with "
+        raise ConfigError(f"optim.norm_param = {_short(o.norm_param)} {allowed.violation(o.norm_param, False)} with "
                           f"optim.norm_type = {o.norm_type!r}")
 
 

@@ -211,6 +211,9 @@ class RunLock:
             existing = os.open(self.path, os.O_RDWR)
         except FileNotFoundError:
             return None  # released meanwhile
+        except OSError as exc:
+            return RunDirError(f"the lock file {self.path} cannot be opened ({exc.strerror or exc}); it must be a "
+                               "file: remove it, then rerun")
         try:
             if flocked:
                 try:
