@@ -436,3 +436,21 @@ def test_an_offline_cifar_download_leaves_no_empty_datasets_folder(tmp_path, mon
     with pytest.raises(DataError):
         load_dataset("Cifar10", tmp_path / "datasets", "exp", 0.01, 10, download=True)
     assert [p.name for p in (tmp_path / "datasets").iterdir()] == ["README.md"], "what was there stays"
+
+
+def test_resume_compares_the_keys_that_change_what_is_computed():
+    from utils.checkpoint import config_differences
+    from utils.config import from_dict
+    cfg = from_dict(_config()).to_dict()
+    older = {k: v for k, v in cfg.items() if k != "sync_bn"}  # written before the key existed
+    assert config_differences(older, cfg) == []
+    assert config_differences(older, {**cfg, "sync_bn": False}) == [
+        "sync_bn = '<absent>' in the checkpoint but False now"]
+    assert config_differences(cfg, {**cfg, "description": "other", "device": "cpu"}) == []
+    swept = {**cfg, "model": {**cfg["model"], "logit_adjustment_tau_sweep": "0,1"}}
+    chosen = {**swept, "model": {**swept["model"], "logit_adjustment_tau": 1.0}}
+    assert config_differences(swept, chosen) == [], "args.json records the chosen tau"
+    evaluation = {**cfg, "optim": {**cfg["optim"], "total_epoch_num": 0}}
+    assert config_differences(evaluation, {**evaluation, "optim": {**evaluation["optim"], "base_lr": 0.5}}) == []
+    assert config_differences(cfg, {**cfg, "optim": {**cfg["optim"], "base_lr": 0.5}}) == [
+        "optim.base_lr = 0.05 in the checkpoint but 0.5 now"]

@@ -43,7 +43,7 @@ import torch
 
 from utils import distributed as ddp
 from utils.errors import CheckpointError, DataError, RunDirError, RunInterrupted, Stage1Error, TrainingDiverged
-from utils.config import recorded_form
+from utils.config import Config, recorded_form
 from utils.rundir import (ACC_FILE, ARGS_FILE, BEST_LOG_FILE, BEST_PARAM_FILE, CHECKPOINT_FILE, RunDir,
                           load_state_dict, safe_join)
 from utils.runlock import live_owner
@@ -168,10 +168,13 @@ def _comparable(config: dict) -> dict:
 def config_differences(saved: dict, current: dict) -> list[str]:
     """Every key (other than RESUME_FREE_KEYS) whose value differs, each as a phrase."""
     a, b = _comparable(saved), _comparable(current)
+    defaults = _flatten(Config().to_dict())
     out = []
     for key in sorted(set(a) | set(b)):
         if key in RESUME_FREE_KEYS:
             continue
+        if key not in b or (key not in a and b[key] == defaults.get(key)):
+            continue  # a key this code no longer has, or one added since the checkpoint, at its default
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
             out.append(f"{key} = {a.get(key, '<absent>')!r} in the checkpoint but {b.get(key, '<absent>')!r} now")
     return out

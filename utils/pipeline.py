@@ -281,7 +281,10 @@ def _run_locked(cfg: Config, stage: str, exp_root, resume: bool, overwrite: bool
         _train_and_evaluate(p, plan, rundir, log, ckpt, lock)
         ckpt.finish()
     except Exception as exc:
-        raise _failure(exc, p, plan, rundir, ckpt) from None
+        failure = _failure(exc, p, plan, rundir, ckpt)
+        if failure is exc:
+            raise
+        raise failure from None
     log.info(f"finished in {time.perf_counter() - started:.1f} s")
     ddp.barrier()  # no rank starts the next seed before rank 0 has finished writing this one
     return rundir.path
