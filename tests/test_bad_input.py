@@ -7,7 +7,6 @@ every file's bytes and modification time), runs the command line in-process, and
 The rows are grouped by the class of input of issue 16 (README "Robustness"); most are refused
 before any model is built, and the few that build one use a tiny MLP, so the table stays fast.
 """
-import errno
 import json
 import os
 import pickle
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import digits_config
+from tests.conftest import digits_config, fill_disk
 from utils.cli import main
 
 MODEL = {"name": "BNMLP", "mlp_features_d": 16, "mlp_hlayer_n": 1}  # 1 k weights: built in milliseconds
@@ -149,38 +148,6 @@ def _lock(c, run_rel, host=None, pid=None):
 def _raise_oom(*args, **kwargs):
     raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
                        "you tried to allocate 1099511627776 bytes")
-
-
-def _full_disk_at(c, name):
-    """Writes of ``name`` (through the one write path) fail with ENOSPC after 10 bytes."""
-    import io
-    from utils import rundir
-    real = rundir._open_temporary
-
-    class Full(io.RawIOBase):
-        def __init__(self, fh):
-            self.fh, self.n = fh, 0
-
-        def writable(self):
-            return True
-
-        def write(self, b):
-            self.n += len(b)
-            if self.n > 10:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return self.fh.write(b)
-
-        def fileno(self):
-            return self.fh.fileno()
-
-        def close(self):
-            self.fh.close()
-            super().close()
-
-    def open_temporary(fd, path):
-        fh = real(fd, path)
-        return Full(fh) if Path(path).name == name else fh
-    c.mp.setattr(rundir, "_open_temporary", open_temporary)
 
 
 # ---------------------------------------------------------------------------
@@ -358,7 +325,7 @@ def _oom_at_first_step(c):
 
 def _disk_full(name):
     def setup(c):
-        _full_disk_at(c, name)
+        fill_disk(c.mp, name, after_bytes=10)
         return _first(c)
     return setup
 

@@ -6,7 +6,6 @@ in-process, except the concurrency test, where a second process is the point.  O
 uninterrupted run (module fixture) is the reference every interrupted one must equal.
 """
 import errno
-import io
 import json
 import os
 import subprocess
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, digits_config
+from tests.conftest import ROOT, digits_config, fill_disk
 from utils.cli import main
 from utils.rundir import CHECKPOINT_FILE
 
@@ -73,46 +72,11 @@ def _leftovers(run: Path) -> list:
 # A full disk during a checkpoint save
 # ---------------------------------------------------------------------------
 
-def _disk_full_on(monkeypatch, name: str, nth: int) -> None:
-    """The nth write of ``name`` through the run's one write path fails with ENOSPC part-way."""
-    from utils import rundir
-    real = rundir._open_temporary
-    count = {"n": 0}
-
-    class Full(io.RawIOBase):
-        def __init__(self, fh):
-            self.fh, self.written = fh, 0
-
-        def writable(self):
-            return True
-
-        def write(self, b):
-            self.written += len(b)
-            if self.written > 4096:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return self.fh.write(b)
-
-        def fileno(self):
-            return self.fh.fileno()
-
-        def close(self):
-            self.fh.close()
-            super().close()
-
-    def open_temporary(fd, path):
-        fh = real(fd, path)
-        if Path(path).name != name:
-            return fh
-        count["n"] += 1
-        return Full(fh) if count["n"] == nth else fh
-    monkeypatch.setattr(rundir, "_open_temporary", open_temporary)
-
-
 def test_disk_full_during_a_checkpoint_then_resume(reference, in_tmp, no_figures, monkeypatch, capsys):
     from utils import rundir
     real = rundir._open_temporary
     # writes of checkpoint.ckpt: 1 the start marker, 2 epoch 1, 3 epoch 2 (fails)
-    _disk_full_on(monkeypatch, CHECKPOINT_FILE, nth=3)
+    fill_disk(monkeypatch, CHECKPOINT_FILE, nth=3)
     assert main("first", ["--json_path", "cfg.json"]) == 2
     err = capsys.readouterr().err.strip()
     run = in_tmp / "exp" / RUN

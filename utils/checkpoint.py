@@ -4,11 +4,17 @@ What a run does with its directory (``plan_run``), decided before anything is wr
 
 - absent or empty: a new run;
 - holds a run and neither ``--resume`` nor ``--overwrite`` was given: refused, untouched;
-- ``--overwrite``: the directory is deleted and the run starts afresh (after every input
-  check has passed, so a typo never costs a finished run);
+- ``--overwrite``: the directory is moved aside (``.<seed>.old-<time>-<pid>``), the run starts
+  afresh, and the old copy is deleted once it has started (after every input check has
+  passed, so a typo never costs a finished run, and never half deleted);
 - ``--resume`` (or the config key ``load_checkpoint: true``): an unfinished run continues
-  from the last completed epoch of ``checkpoint.ckpt``; a finished run is left as it is;
-  a directory without a usable checkpoint starts afresh.
+  from the last completed epoch of ``checkpoint.ckpt``; a finished run of the same config is
+  left as it is (of another config: refused, naming the keys); a directory without a usable
+  checkpoint starts afresh.
+
+Finished means the ``finished`` mark of ``checkpoint.ckpt``, written last (``run_state``):
+``acc.json`` alone does not make a run finished.  The caller of ``plan_run``/``open_run``
+holds the directory's lock (utils/runlock.py).
 
 ``checkpoint.ckpt`` is written atomically at the start of a run (a small marker), after
 every epoch (model, optimizer, schedule, epoch, best metric and epoch, the per-epoch
