@@ -33,3 +33,42 @@ def write_json(tmp_path):
         path.write_text(json.dumps(obj))
         return str(path)
     return _write
+
+
+def fill_disk(monkeypatch, name: str, nth: int = 1, after_bytes: int = 4096) -> None:
+    """The nth write of the run file ``name`` through the one write path (utils/rundir.py) fails
+    with ENOSPC once ``after_bytes`` are written, as a full disk would part-way through."""
+    import errno
+    import io
+
+    from utils import rundir
+    real = rundir._open_temporary
+    count = {"n": 0}
+
+    class Full(io.RawIOBase):
+        def __init__(self, fh):
+            self.fh, self.written = fh, 0
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            self.written += len(b)
+            if self.written > after_bytes:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.fh.write(b)
+
+        def fileno(self):
+            return self.fh.fileno()
+
+        def close(self):
+            self.fh.close()
+            super().close()
+
+    def open_temporary(fd, path):
+        fh = real(fd, path)
+        if Path(path).name != name:
+            return fh
+        count["n"] += 1
+        return Full(fh) if count["n"] == nth else fh
+    monkeypatch.setattr(rundir, "_open_temporary", open_temporary)

@@ -1,5 +1,6 @@
 """The command lines as a user runs them (subprocesses)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +11,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(script, args, cwd):
+def _run(script, args, cwd, **env):
     return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env={**os.environ, **env})
 
 
 def test_misspelt_key_exits_2_names_key_and_creates_nothing(tmp_path):
@@ -57,3 +58,12 @@ def test_help_documents_flags():
     for flag in ("--json_path", "--seeds", "--exp_name", "--retrain", "--data_imb_factor", "--optim_weight_decay",
                  "--model_use_etf", "--model_logit_adjustment_tau", "--optim_norm_type"):
         assert flag in proc.stdout
+
+
+def test_a_display_or_misspelt_mplbackend_does_not_stop_a_run(tmp_path):
+    """matplotlib refuses an unknown MPLBACKEND at import; figures are drawn with Agg anyway. The
+    run gets past importing the pipeline and stops where it should: no stage-1 run here."""
+    proc = _run("second.py", ["--json_path", str(ROOT / "jsons/Digits/second.json")], tmp_path, MPLBACKEND="nonsense")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().startswith("error: stage-1 run directory ") and "Traceback" not in proc.stderr
+    assert not (tmp_path / "exp").exists()

@@ -119,3 +119,48 @@ def test_damaged_and_arbitrary_text(doc_path, text, stage):
                                   '{"optim": {"base_lr": 1' + "0" * 400 + "}}", "\ufeff{}", ""])
 def test_pathological_documents(doc_path, text):
     _load_text(doc_path, text, "first")
+
+
+# ---------------------------------------------------------------------------
+# Flag values: the command line as first.py / second.py parse it, short of running anything
+# ---------------------------------------------------------------------------
+
+def _flags(stage: str) -> list[str]:
+    from utils.cli import build_parser
+    return sorted({o for a in build_parser(stage)._actions for o in a.option_strings
+                   if o.startswith("--") and o not in ("--help", "--json_path")})
+
+
+FLAG_TEXT = (st.text(max_size=12) | st.sampled_from(
+    ["", " ", "0", "-1", "1", "2", "1e3", "1e-45", "nan", "inf", "-inf", "1" * 30, "9" * 5000, "true", "False",
+     "null", "none", "[", "[1,2]", "[true,false,true]", ",", "0:1:5", "0:1:100000000", "cuda:0", "mps", "a\udcffb",
+     "../x", "\x00", "é" * 150, "1_000", "0x10", " 3 "]) | st.integers().map(str) | st.floats().map(str))
+
+
+@st.composite
+def command_lines(draw, stage):
+    argv = []
+    for flag in draw(st.lists(st.sampled_from(_flags(stage)) | st.text(min_size=1, max_size=8), max_size=6)):
+        argv.append(flag)
+        for _ in range(draw(st.integers(0, 2))):
+            argv.append(draw(FLAG_TEXT))
+    return argv
+
+
+@FUZZ
+@given(data=st.data(), stage=st.sampled_from(["first", "second"]))
+def test_flag_values_give_configs_or_one_line_errors(data, stage):
+    """Any flags and values: valid configs (one per seed) or a one-line ConfigError/RunDirError,
+    never another exception, never argparse's usage text and exit."""
+    from utils.cli import configs_from_command_line
+    from utils.errors import UserError
+    argv = data.draw(command_lines(stage))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            _, configs = configs_from_command_line(stage, argv)
+        except UserError as exc:
+            assert str(exc) and "\n" not in str(exc), argv
+            return
+        for cfg in configs:
+            _check(cfg)

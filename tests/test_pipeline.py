@@ -116,15 +116,34 @@ def test_wb_two_stages_retrain_only_the_classifier(in_tmp, write_json):
     assert (state["encoder.fc.weight"].norm(dim=1) <= threshold + 1e-5).all()
 
 
-def _stage1_run(in_tmp, write_json, epochs=1):
-    first = write_json("s1.json", digits_config("s1", epochs=epochs))
-    assert main("first", ["--json_path", first]) == 0
-    return in_tmp / EXP / "first/s1/0"
+# The refusal tests share one real stage-1 run (first.py, a tiny MLP, no figures), copied per test.
+SMALL = {"name": "BNMLP", "mlp_features_d": 16, "mlp_hlayer_n": 1}
+SMALL_EXP = Path("exp/Digits/BNMLP")
+
+
+@pytest.fixture(scope="module")
+def stage1_template(tmp_path_factory):
+    import utils.pipeline as pipeline
+    cwd = tmp_path_factory.mktemp("stage1")
+    (cwd / "s1.json").write_text(json.dumps(digits_config("s1", model=dict(SMALL))))
+    real, pipeline.plot_run = pipeline.plot_run, lambda *a, **k: []
+    try:
+        assert main("first", ["--json_path", str(cwd / "s1.json"), "--exp_root", str(cwd / "exp")]) == 0
+    finally:
+        pipeline.plot_run = real
+    return cwd / "exp/Digits/BNMLP/first/s1/0"
+
+
+def _stage1_run(in_tmp, template):
+    import shutil
+    run = in_tmp / SMALL_EXP / "first/s1/0"
+    shutil.copytree(template, run)
+    return run
 
 
 def _second(write_json, **model):
     cfg = digits_config("s2", "second", epochs=0,
-                        model={"is_pretrained": True, "pretrained_path": str(EXP / "first/s1"), **model})
+                        model={**SMALL, "is_pretrained": True, "pretrained_path": str(SMALL_EXP / "first/s1"), **model})
     return write_json("s2.json", cfg)
 
 
@@ -134,14 +153,16 @@ def _second(write_json, **model):
     (lambda run: (run / "best.paramOnly").write_bytes((run / "best.paramOnly").read_bytes()[:200]),
      "unreadable or truncated"),
     (lambda run: (run / "args.json").write_text("{"), "args.json is unreadable"),
+    (lambda run: ((run / "checkpoint.ckpt").unlink(), (run / "acc.json").unlink()),
+     "has not finished (no checkpoint.ckpt and no acc.json)"),
 ])
-def test_stage2_refuses_broken_stage1_run(in_tmp, write_json, capsys, damage, message):
-    run = _stage1_run(in_tmp, write_json)
+def test_stage2_refuses_broken_stage1_run(in_tmp, write_json, capsys, stage1_template, damage, message):
+    run = _stage1_run(in_tmp, stage1_template)
     damage(run)
     capsys.readouterr()
     assert main("second", ["--json_path", _second(write_json)]) == 2
     assert message in capsys.readouterr().err
-    assert not (in_tmp / EXP / "second").exists()
+    assert not (in_tmp / SMALL_EXP / "second").exists()
 
 
 class _Exploit:
@@ -149,17 +170,17 @@ class _Exploit:
         return (print, ("pwned",))
 
 
-def test_stage2_refuses_checkpoint_that_would_run_code(in_tmp, write_json, capsys):
-    run = _stage1_run(in_tmp, write_json)
-    torch.save({"encoder.conv1.weight": _Exploit()}, run / "best.paramOnly")
+def test_stage2_refuses_checkpoint_that_would_run_code(in_tmp, write_json, capsys, stage1_template):
+    run = _stage1_run(in_tmp, stage1_template)
+    torch.save({"fc.weight": _Exploit()}, run / "best.paramOnly")
     capsys.readouterr()
     assert main("second", ["--json_path", _second(write_json)]) == 2
     captured = capsys.readouterr()
     assert "not a plain weights-only state_dict" in captured.err and "pwned" not in captured.out
 
 
-def test_stage2_refuses_other_class_count_and_missing_run(in_tmp, write_json, capsys):
-    run = _stage1_run(in_tmp, write_json)
+def test_stage2_refuses_other_class_count_and_missing_run(in_tmp, write_json, capsys, stage1_template):
+    run = _stage1_run(in_tmp, stage1_template)
     args = json.loads((run / "args.json").read_text())
     args["data"]["n_classes"] = 100
     (run / "args.json").write_text(json.dumps(args))
@@ -172,7 +193,7 @@ def test_stage2_refuses_other_class_count_and_missing_run(in_tmp, write_json, ca
     assert "used data.imb_factor = 0.02, but this run has 0.05" in capsys.readouterr().err
     assert main("second", ["--json_path", _second(write_json, pretrained_path="exp/nowhere")]) == 2
     assert "stage-1 run directory exp/nowhere/0 not found" in capsys.readouterr().err
-    assert not (in_tmp / EXP / "second").exists()
+    assert not (in_tmp / SMALL_EXP / "second").exists()
 
 
 def test_stage2_reads_an_original_style_run(in_tmp, write_json):
@@ -200,6 +221,7 @@ def test_stage2_reads_an_original_style_run(in_tmp, write_json):
         "param_search": False, "param_search_id": 0, "save_checkpoint": False, "load_checkpoint": False,
     }
     (run / "args.json").write_text(json.dumps(original_args))
+    (run / "acc.json").write_text('{"All": 0.5, "Many": 0.6, "Medium": 0.5, "Few": 0.4}')  # its last file: finished
     model = build_model("ResNet18", 10, in_channels=1, use_etf=True)
     state = model.state_dict()
     # their ETF directions are an nn.Parameter; in a saved state_dict that is just a tensor of the same key

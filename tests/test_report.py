@@ -82,3 +82,37 @@ def test_no_runs_and_missing_directory(tmp_path, capsys):
     assert "no runs found" in capsys.readouterr().err
     assert main([str(tmp_path / "nope"), "--csv", ""]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def _finish_marker(run, finished):
+    import torch
+    from utils.checkpoint import FORMAT, VERSION
+    torch.save({"format": FORMAT, "version": VERSION, "stage": "first", "finished": finished, "epoch": 2,
+                "total_epochs": 3, "config": {}}, run / "checkpoint.ckpt")
+
+
+def test_copies_of_a_run_count_once_and_unfinished_runs_are_skipped(exp, tmp_path, capsys):
+    import shutil
+    wd = exp / "Digits/ResNet18/first/wd"
+    shutil.copytree(wd / "0", wd / "0 (copy)")       # the same run twice: seed 0 recorded in both
+    shutil.copytree(wd / "1", wd / ".1.old-20250101")  # the copy --overwrite keeps until its run starts
+    _finish_marker(wd / "2", finished=True)
+    killed = _run(exp, "Digits", "first", "wd", 3, [0.99, 0.99, 0.99, 0.99])
+    _finish_marker(killed, finished=False)             # acc.json written, then killed before the end
+    assert main([str(exp), "--runs"]) == 0
+    captured = capsys.readouterr()
+    assert "| Digits | ResNet18 | first | wd | 3 | 60.00 ± 10.00 |" in captured.out, "seeds 0, 1, 2 once each"
+    assert f"{wd / '0 (copy)'} records seed 0 of Digits/ResNet18/first/wd, like {wd / '0'}" in captured.err
+    assert f"skipping {killed}: it has not finished (last completed epoch 2 of 3)" in captured.err
+    assert ".1.old-" not in captured.out and "skipping" not in captured.out
+
+
+def test_csv_only_when_asked_and_beside_the_runs(exp, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main([str(exp)]) == 0
+    assert not list(tmp_path.glob("*.csv")) and not (exp / "report.csv").exists(), "no CSV by default"
+    assert main([str(exp), "--csv"]) == 0
+    assert (exp / "report.csv").is_file() and not list(tmp_path.glob("*.csv"))
+    assert f"CSV written to {exp / 'report.csv'}" in capsys.readouterr().out
+    assert main([str(exp), "--csv", str(tmp_path / "mine.csv")]) == 0
+    assert (tmp_path / "mine.csv").is_file()

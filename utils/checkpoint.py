@@ -4,11 +4,17 @@ What a run does with its directory (``plan_run``), decided before anything is wr
 
 - absent or empty: a new run;
 - holds a run and neither ``--resume`` nor ``--overwrite`` was given: refused, untouched;
-- ``--overwrite``: the directory is deleted and the run starts afresh (after every input
-  check has passed, so a typo never costs a finished run);
+- ``--overwrite``: the directory is moved aside (``.<seed>.old-<time>-<pid>``), the run starts
+  afresh, and the old copy is deleted once it has started (after every input check has
+  passed, so a typo never costs a finished run, and never half deleted);
 - ``--resume`` (or the config key ``load_checkpoint: true``): an unfinished run continues
-  from the last completed epoch of ``checkpoint.ckpt``; a finished run is left as it is;
-  a directory without a usable checkpoint starts afresh.
+  from the last completed epoch of ``checkpoint.ckpt``; a finished run of the same config is
+  left as it is (of another config: refused, naming the keys); a directory without a usable
+  checkpoint starts afresh.
+
+Finished means the ``finished`` mark of ``checkpoint.ckpt``, written last (``run_state``):
+``acc.json`` alone does not make a run finished.  The caller of ``plan_run``/``open_run``
+holds the directory's lock (utils/runlock.py).
 
 ``checkpoint.ckpt`` is written atomically at the start of a run (a small marker), after
 completed epochs as :class:`CheckpointSchedule` decides (``checkpoint_every``: every epoch
@@ -45,8 +51,10 @@ import torch
 
 from utils import distributed as ddp
 from utils.errors import CheckpointError, DataError, RunDirError, RunInterrupted, Stage1Error, TrainingDiverged
+from utils.config import Config, recorded_form
 from utils.rundir import (ACC_FILE, ARGS_FILE, BEST_LOG_FILE, BEST_PARAM_FILE, CHECKPOINT_FILE, RunDir,
                           load_state_dict, safe_join)
+from utils.runlock import live_owner
 
 FORMAT = "wb-longtail-checkpoint"
 VERSION = 1
@@ -169,7 +177,18 @@ def read_checkpoint(path: Path, mmap: bool = False) -> dict:
         raise CheckpointError(f"{path} is not a checkpoint of this project; {hint}")
     if obj.get("version") != VERSION:
         raise CheckpointError(f"{path} has checkpoint version {obj.get('version')!r}, this code reads {VERSION}; {hint}")
+    required = _MARKER_KEYS if "model" not in obj else {**_MARKER_KEYS, **_STATE_KEYS}
+    for key, types in required.items():
+        if not isinstance(obj.get(key), types) or (types is int and isinstance(obj.get(key), bool)):
+            raise CheckpointError(f"{path} is damaged: its {key!r} is {'missing' if key not in obj else 'of the wrong type'}; "
+                                  f"{hint}")
     return obj
+
+
+# What every checkpoint holds (the start and finish markers too), and what a full one adds.
+_MARKER_KEYS = {"stage": str, "finished": bool, "epoch": int, "total_epochs": int, "config": dict}
+_STATE_KEYS = {"model": dict, "optimizer": dict, "best_epoch": int, "best_acc": (int, float), "records": list,
+               "track": dict, "rng": dict}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -183,15 +202,74 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_difference(saved: dict, current: dict) -> Optional[str]:
-    """The first key (other than RESUME_FREE_KEYS) whose value differs, as a phrase."""
-    a, b = _flatten(saved), _flatten(current)
+def _comparable(config: dict) -> dict:
+    """A config flattened, as two runs compare it: the form args.json records (an evaluation-only
+    run's unread optim keys at their defaults), and without the configured tau when a tau sweep
+    replaces it (args.json records the tau the sweep chose)."""
+    flat = _flatten(recorded_form(config))
+    if flat.get("model.logit_adjustment_tau_sweep"):
+        flat.pop("model.logit_adjustment_tau", None)
+    return flat
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """Every key (other than RESUME_FREE_KEYS) whose value differs, each as a phrase."""
+    a, b = _comparable(saved), _comparable(current)
+    defaults = _flatten(Config().to_dict())
+    out = []
     for key in sorted(set(a) | set(b)):
         if key in RESUME_FREE_KEYS:
             continue
+        if key not in b or (key not in a and b[key] == defaults.get(key)):
+            continue  # a key this code no longer has, or one added since the checkpoint, at its default
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
-            return f"{key} = {a.get(key, '<absent>')!r} in the checkpoint but {b.get(key, '<absent>')!r} now"
-    return None
+            out.append(f"{key} = {a.get(key, '<absent>')!r} in the checkpoint but {b.get(key, '<absent>')!r} now")
+    return out
+
+
+def config_difference(saved: dict, current: dict) -> Optional[str]:
+    """The first key (other than RESUME_FREE_KEYS) whose value differs, as a phrase."""
+    diffs = config_differences(saved, current)
+    return diffs[0] if diffs else None
+
+
+# ---------------------------------------------------------------------------
+# Finished or not
+# ---------------------------------------------------------------------------
+
+@dataclass
+class RunState:
+    """What a run directory holds, as far as finishing goes.  ``finished`` comes from the marker
+    in checkpoint.ckpt, which a run writes last; acc.json alone proves nothing (a run killed in its
+    final evaluation has one).  A run of the published implementation (no checkpoint.ckpt, but
+    acc.json and best.paramOnly) counts as finished."""
+    finished: bool
+    epoch: Optional[int] = None        # last completed epoch in the checkpoint
+    total_epochs: Optional[int] = None
+    best_epoch: Optional[int] = None
+    config: Optional[dict] = None
+    why: str = ""                      # for messages: what the directory holds
+
+    def describe_unfinished(self) -> str:
+        if self.epoch is None:
+            return self.why or "no checkpoint"
+        return f"last completed epoch {self.epoch} of {self.total_epochs}"
+
+
+def run_state(path: Path) -> RunState:
+    ckpt_file = Path(path) / CHECKPOINT_FILE
+    if ckpt_file.is_file():
+        try:
+            ckpt = read_checkpoint(ckpt_file, mmap=True)
+        except CheckpointError:
+            return RunState(False, why="its checkpoint.ckpt is unreadable")
+        return RunState(bool(ckpt.get("finished")), epoch=int(ckpt.get("epoch", 0)),
+                        total_epochs=ckpt.get("total_epochs"),
+                        best_epoch=int(ckpt["best_epoch"]) if "best_epoch" in ckpt else None,
+                        config=ckpt.get("config"), why="checkpoint.ckpt")
+    if (Path(path) / ACC_FILE).is_file() and (Path(path) / BEST_PARAM_FILE).is_file():
+        return RunState(True, why="a run of the published implementation (acc.json, best.paramOnly)")
+    return RunState(False, why="no checkpoint.ckpt and no acc.json")
 
 
 # ---------------------------------------------------------------------------
@@ -204,6 +282,9 @@ class RunPlan:
     action: str                   # "new" | "overwrite" | "resume" | "done"
     checkpoint: Optional[dict] = None   # the loaded checkpoint when resuming
     note: str = ""                # what the run says about it
+    old_copy: Optional[Path] = None     # --overwrite: the previous run, moved aside until the new one started
+    restore_best: bool = False    # resuming: best.paramOnly is lost but is the checkpoint's own model
+    created: bool = False         # open_run made the directory (a failure before its first epoch removes it)
 
     @property
     def first_epoch(self) -> int:
@@ -223,6 +304,18 @@ def _check_writable(path: Path, exp_root: Path) -> None:
                           f"(check --exp_root {str(exp_root)!r})")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise RunDirError(f"cannot write the run directory {path}: no write permission in {existing}")
+
+
+def run_directory(cfg, exp_root) -> Path:
+    """The run directory of a config (absolute, checked to stay inside exp_root and be writable)."""
+    exp_root = Path(exp_root)
+    try:
+        path = safe_join(exp_root, cfg.run_subdir())
+        _check_writable(path, exp_root)
+    except OSError as exc:  # a path longer than the file system allows, a folder it cannot read
+        raise RunDirError(f"cannot use the run directory {exp_root / cfg.run_subdir()}: {exc.strerror or exc} "
+                          f"(check --exp_root)") from None
+    return path
 
 
 def _check_separate_from_stage1(cfg, stage: str, path: Path) -> None:
@@ -248,63 +341,82 @@ def check_data_root(cfg) -> None:
         safe_join(root, Path(folder), "dataset folder", DataError)
 
 
-def plan_run(cfg, stage: str, exp_root, resume: bool, overwrite: bool, check_only: bool = False) -> RunPlan:
+def plan_run(cfg, stage: str, exp_root, resume: bool, overwrite: bool, check_only: bool = False,
+             locked: bool = False) -> RunPlan:
     """Decide, before anything is written, what this run does with its directory.
 
     ``check_only``: memory-map the checkpoint instead of reading it (a pre-check
-    of every seed before any work; the weights are not used).
+    of every seed before any work; the weights are not used).  ``locked``: this process
+    holds the directory's lock (utils/runlock.py); otherwise a live owner refuses the plan.
     """
     if resume and overwrite:
         raise RunDirError("--resume and --overwrite exclude each other; give one")
     exp_root = Path(exp_root)
-    path = safe_join(exp_root, cfg.run_subdir())
-    _check_writable(path, exp_root)
+    path = run_directory(cfg, exp_root)
     check_data_root(cfg)
     _check_separate_from_stage1(cfg, stage, path)
+    if not locked:
+        owner = live_owner(path)
+        if owner is not None:
+            raise _lock_refusal(path, owner)
     if not _has_run(path):
         note = f"nothing to resume in {path}; starting from epoch 1" if resume else ""
         return RunPlan(path, "new", note=note)
     if overwrite:
-        return RunPlan(path, "overwrite", note=f"--overwrite: deleted the previous run in {path}")
+        return RunPlan(path, "overwrite", note=f"--overwrite: the previous run in {path} was replaced")
     ckpt_file = path / CHECKPOINT_FILE
     if not resume:
-        if ckpt_file.is_file():
-            try:
-                ckpt = read_checkpoint(ckpt_file, mmap=True)
-            except CheckpointError:
-                ckpt = None
-            if ckpt is not None and ckpt.get("finished"):
-                raise RunDirError(_finished_message(path))
-            where = (f"last completed epoch {ckpt['epoch']} of {ckpt.get('total_epochs', '?')}"
-                     if ckpt is not None else "its checkpoint.ckpt is unreadable")
-        elif (path / ACC_FILE).is_file():
+        state = run_state(path)
+        if state.finished:
             raise RunDirError(_finished_message(path))
-        else:
-            where = "no completed epoch"
+        where = state.describe_unfinished() if ckpt_file.is_file() else "no completed epoch"
         raise RunDirError(f"run directory {path} holds an unfinished run ({where}) and was left untouched; "
                           "add --resume to continue it or --overwrite to start it again")
     if not ckpt_file.is_file():
-        if (path / ACC_FILE).is_file():
+        if run_state(path).finished:
             return RunPlan(path, "done", note=f"run directory {path} holds a finished run; nothing to do "
                                               "(--overwrite runs it again)")
         return RunPlan(path, "overwrite", note=f"no checkpoint in {path}; starting again from epoch 1")
     ckpt = read_checkpoint(ckpt_file, mmap=check_only)
+    diffs = config_differences(ckpt["config"], cfg.to_dict()) if ckpt.get("stage") == stage else []
     if ckpt.get("finished"):
+        if diffs:
+            raise RunDirError(f"run directory {path} holds a finished run of another config ({'; '.join(diffs)}); "
+                              "it was left untouched: --overwrite runs it again with this config")
         return RunPlan(path, "done", note=f"run directory {path} holds a finished run; nothing to do "
                                           "(--overwrite runs it again)")
     if ckpt.get("stage") != stage:
         raise CheckpointError(f"{ckpt_file} belongs to a {ckpt.get('stage')} run, not {stage}; use --overwrite")
-    diff = config_difference(ckpt["config"], cfg.to_dict())
-    if diff is not None:
-        raise CheckpointError(f"cannot resume {ckpt_file}: {diff}; resume with the run's own config "
+    if diffs:
+        raise CheckpointError(f"cannot resume {ckpt_file}: {diffs[0]}; resume with the run's own config "
                               f"({path / ARGS_FILE}) or use --overwrite to start again")
     if "model" not in ckpt:
         return RunPlan(path, "overwrite", note=f"{path} stopped before its first epoch ended; starting again "
                                                 "from epoch 1")
     check_generator_states(ckpt["rng"], ckpt_file)
-    return RunPlan(path, "resume", checkpoint=ckpt,
+    restore_best = _check_best_weights(path, ckpt)
+    return RunPlan(path, "resume", checkpoint=ckpt, restore_best=restore_best,
                    note=f"resuming {path} after epoch {ckpt['epoch']} of {ckpt['total_epochs']} "
                         f"(best epoch {ckpt['best_epoch']})")
+
+
+def _check_best_weights(path: Path, ckpt: dict) -> bool:
+    """A resumed run needs the best weights of its checkpoint: best.paramOnly, or the pending file of
+    its best epoch.  When both are gone and the best epoch is the checkpoint's own, its model is them
+    (returns True: restore it); otherwise nothing can bring them back."""
+    best = int(ckpt["best_epoch"])
+    if (path / BEST_PARAM_FILE).is_file() or (path / f"{PENDING_PREFIX}{best}{PENDING_SUFFIX}").is_file():
+        return False
+    if best == int(ckpt["epoch"]):
+        return True
+    raise CheckpointError(f"cannot resume {path}: {BEST_PARAM_FILE} (the weights of best epoch {best}) is missing and "
+                          f"the checkpoint holds those of epoch {ckpt['epoch']}; restore the file, or use --overwrite "
+                          "to start again")
+
+
+def _lock_refusal(path: Path, owner) -> RunDirError:
+    from utils.runlock import _refusal, lock_path
+    return _refusal(path, lock_path(path), owner)
 
 
 def _finished_message(path: Path) -> str:
@@ -313,22 +425,87 @@ def _finished_message(path: Path) -> str:
 
 
 def open_run(plan: RunPlan, exp_root, cfg) -> RunDir:
-    """Create (or reopen, when resuming) the run directory of a plan."""
+    """Create (or reopen, when resuming) the run directory of a plan; the caller holds its lock.
+
+    ``--overwrite`` first moves the previous run aside (``.<seed>.old-<time>`` beside it; one
+    rename, so it is never half deleted); the caller deletes that copy once the new run has
+    started (:func:`delete_old_copy`)."""
     if plan.action == "overwrite" and plan.path.exists():
-        safe_join(Path(exp_root), plan.path)  # never delete outside exp/
-        shutil.rmtree(plan.path)
+        safe_join(Path(exp_root), plan.path)  # never move anything outside exp/
+        aside = plan.path.parent / f".{plan.path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        try:
+            os.rename(plan.path, aside)
+        except OSError as exc:
+            raise RunDirError(f"cannot move the previous run {plan.path} aside to replace it: "
+                              f"{exc.strerror or exc}; nothing was changed") from None
+        plan.old_copy = aside
     if plan.action == "resume":
         rundir = RunDir(plan.path)
         _settle_best(rundir, plan.checkpoint)
+        if plan.restore_best:
+            rundir.save_torch(BEST_PARAM_FILE, plan.checkpoint["model"])
         best_log = plan.checkpoint.get("best_log", "")
         if best_log:
             rundir.write_text(BEST_LOG_FILE, best_log)
         elif rundir.file(BEST_LOG_FILE).exists():
             rundir.file(BEST_LOG_FILE).unlink()
+        remove_final_events(rundir.path)
         return rundir
-    rundir = RunDir.create(Path(exp_root), cfg.run_subdir())
-    rundir.save_torch(CHECKPOINT_FILE, _marker(cfg, None, finished=False))
+    plan.created = not plan.path.exists()
+    try:
+        rundir = RunDir.create(Path(exp_root), cfg.run_subdir())
+        rundir.save_torch(CHECKPOINT_FILE, _marker(cfg, None, finished=False))
+    except BaseException:
+        if plan.created:
+            shutil.rmtree(plan.path, ignore_errors=True)
+        _put_back(plan)
+        raise
     return rundir
+
+
+def _put_back(plan: RunPlan) -> None:
+    """The new run could not start: the previous one returns to its place."""
+    if plan.old_copy is None:
+        return
+    try:
+        os.rename(plan.old_copy, plan.path)
+        plan.old_copy = None
+    except OSError:
+        pass  # it stays in plan.old_copy, which the error message names
+
+
+def delete_old_copy(plan: RunPlan) -> Optional[str]:
+    """Delete the previous run that --overwrite moved aside; a problem is returned as a warning
+    (the new run is unaffected: the copy is a hidden folder beside it)."""
+    if plan.old_copy is None:
+        return None
+    failures = _rmtree_collecting(plan.old_copy)
+    copy, plan.old_copy = plan.old_copy, None
+    if not failures:
+        return None
+    where, exc = failures[0]
+    return (f"could not delete the previous run's copy {copy} ({len(failures)} problem(s), first: {where}: "
+            f"{getattr(exc, 'strerror', None) or exc}); the new run is not affected; delete it by hand")
+
+
+def _rmtree_collecting(path: Path) -> list:
+    """shutil.rmtree that goes on past a file it cannot delete; returns [(path, exception)]."""
+    failures: list = []
+    if sys.version_info >= (3, 12):  # onerror is deprecated there
+        shutil.rmtree(path, onexc=lambda fn, p, exc: failures.append((p, exc)))
+    else:
+        shutil.rmtree(path, onerror=lambda fn, p, info: failures.append((p, info[1])))
+    return failures
+
+
+# TensorBoard: the events of the final evaluation go to their own file (events.out.tfevents.*.final),
+# so that a run resumed after a kill during that evaluation can drop them and write them once.
+FINAL_EVENTS_SUFFIX = ".final"
+
+
+def remove_final_events(run_dir: Path) -> None:
+    for old in Path(run_dir).glob(f"events.out.tfevents.*{FINAL_EVENTS_SUFFIX}"):
+        old.unlink(missing_ok=True)
 
 
 def _settle_best(rundir: RunDir, ckpt: dict) -> None:

@@ -10,20 +10,27 @@ downstream reads raw dicts or asks whether a key exists.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import os
+import re
+import stat
 import typing
+import unicodedata
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
+
+import numpy as np
 
 from utils.errors import ConfigError  # noqa: F401  (re-exported)
 
 
 # ---------------------------------------------------------------------------
 # Sections.  Field metadata: ``choices`` (allowed values), ``help`` (flag and
-# README text), ``check`` (a range rule, see _RANGE_RULES).
+# README text), ``check`` (the name of a rule in RANGES or TEXT_RULES).
 # ---------------------------------------------------------------------------
 
 def _f(default, help: str, choices: Optional[tuple] = None, check: Optional[str] = None):
@@ -37,6 +44,7 @@ def _f(default, help: str, choices: Optional[tuple] = None, check: Optional[str]
     return field(default=default, metadata=meta)
 
 
+IMB_TYPES = ("exp", "step", "none")
 DATASETS = ("Cifar10", "Cifar100", "Digits", "ImageNet", "MiniImagenet", "Helena", "MNIST")
 MODELS = ("ResNet34", "ResNet18", "ResNeXt50", "IMResNet34", "IMResNet18",
           "TableMLP", "BNLeNet5", "BNMLP", "MLResBlock")
@@ -45,19 +53,20 @@ MODELS = ("ResNet34", "ResNet18", "ResNeXt50", "IMResNet34", "IMResNet18",
 @dataclass
 class DataConfig:
     name: str = _f("Cifar100", "dataset", DATASETS)
-    imb_type: str = _f("exp", "imbalance profile: exp | step | anything else = balanced")
+    imb_type: str = _f("exp", "imbalance profile: exp (exponential), step (two halves), none (balanced; the original took any other text to mean balanced)", IMB_TYPES)
     imb_factor: float = _f(0.01, "tail/head count ratio (0.01 = imbalance ratio 100)", check="unit_open0")
-    n_classes: int = _f(100, "number of classes; must match the dataset", check="ge2")
-    batch_size: int = _f(64, "training mini-batch size", check="ge1")
+    n_classes: int = _f(100, "number of classes; must match the dataset", check="classes")
+    batch_size: int = _f(64, "training mini-batch size (training needs >= 2: BatchNorm cannot train on one image)",
+                         check="batch")
     # --- keys of this project (defaults keep the original's behaviour) ---
-    root: str = _f("datasets", "data root folder (downloads land here)")
+    root: str = _f("datasets", "data root folder (downloads land here)", check="path")
     download: bool = _f(True, "download CIFAR with torchvision when absent")
     eval_batch_size: int = _f(0, "batch size for evaluation passes, per process (0 = auto: on CUDA the largest "
                               "power of two <= 1024 x 64 x 64 / input pixels, at most 1024: 1024 for CIFAR, 64 at "
                               "224 x 224; on CPU 64, where small batches stay in cache and run 1.4x faster)",
-                              check="ge0")
+                              check="batch0")
     num_workers: int = _f(4, "DataLoader workers decoding image files (ImageNet, MiniImagenet; 0 = in the main process)",
-                          check="ge0")
+                          check="workers")
     helena_counts: str = _f("all", "Helena class sizes (groups, prior, CB weights): all = whole file as the original, "
                             "train = training rows", ("all", "train"))
     eval_hflip: bool = _f(False, "final evaluation averages the logits of each image and its horizontal flip (WB's notebooks)")
@@ -67,40 +76,41 @@ class DataConfig:
 class ModelConfig:
     name: str = _f("ResNet34", "backbone", MODELS)
     is_pretrained: bool = _f(False, "stage 2: initialise from the stage-1 run")
-    pretrained_path: str = _f("", "stage-1 run directory without the seed (the seed is appended)")
+    pretrained_path: str = _f("", "stage-1 run directory without the seed (the seed is appended)", check="path")
     load_last_linear: bool = _f(True, "stage 2: load the stage-1 classifier too (false: fresh classifier)")
     load_only_representation: bool = _f(False, "stage 2: load only the backbone, new classifier")
     use_etf: bool = _f(False, "ETF classifier (fixed simplex directions, per-class norms)")
     use_dr_balancer: bool = _f(False, "scale ETF norms by N/(K n_c)")
     train_etf_norm: bool = _f(False, "train the ETF per-class norms")
     normalize_feature: bool = _f(False, "L2-normalise penultimate features")
-    etf_norm_rate: float = _f(1.0, "head/tail ratio of the initial ETF norms", check="gt0")
-    logit_adjustment_tau: float = _f(0.0, "logit adjustment strength tau (0 = off)", check="ge0")
-    logit_adjustment_tau_sweep: str = _f("", "tau sweep: 'start:stop:num' or 'a,b,c'; the best tau on validation is used ('' = off)")
+    etf_norm_rate: float = _f(1.0, "head/tail ratio of the initial ETF norms", check="ratio")
+    logit_adjustment_tau: float = _f(0.0, "logit adjustment strength tau (0 = off)", check="tau")
+    logit_adjustment_tau_sweep: str = _f("", "tau sweep: 'start:stop:num' or 'a,b,c' (at most 10000 values in [0, 100]); "
+                                         "the best tau on validation is used and recorded in args.json ('' = off)")
     logit_adjustment_for_training: bool = _f(False, "additive LA applied in training (z + tau log pi) instead of at evaluation")
     logit_normalization: bool = _f(False, "L2-normalise logits")
     use_additive_logit_adjustment: bool = _f(True, "additive LA (z - tau log pi); false = multiplicative (z / pi^tau)")
     activation_type: str = _f("relu", "activation replacing every ReLU of the backbone (mrelu = max(x, -1))", ("relu", "lrelu", "selu", "elu", "mrelu"))
-    activation_param: float = _f(0.03, "negative slope of lrelu (not read by the other activations)")
+    activation_param: float = _f(0.03, "negative slope of lrelu (not read by the other activations)", check="unit_closed")
     use_feature_bias: bool = _f(False, "learned bias added to the features")
-    bn_weight_init_val: float = _f(1.0, "initial BN weight (legacy)")
-    bn_eps: float = _f(1e-5, "BatchNorm epsilon", check="gt0")
+    bn_weight_init_val: float = _f(1.0, "initial BN weight (legacy; not read)", check="init")
+    bn_eps: float = _f(1e-5, "BatchNorm epsilon", check="eps")
     last_relu: bool = _f(False, "ReLU on the pooled features")
     one_param_bn: bool = _f(False, "one shared scale/shift per BN layer (stem and block BNs; gradient = mean over channels)")
     modify_bn_weight: bool = _f(False, "re-initialise BN weights from a distribution")
     bn_weight_init_distribution: Optional[str] = _f(
         None, "distribution for modify_bn_weight", ("uniform", "gauss", "rectified_gauss", "pretrained"))
-    pretrained_gamma: Optional[float] = _f(None, "modify_bn_weight=pretrained: scale")
-    pretrained_beta: Optional[float] = _f(None, "modify_bn_weight=pretrained: shift")
-    bn_weight_init_mean: Optional[float] = _f(None, "modify_bn_weight gauss: mean")
-    bn_weight_init_std: Optional[float] = _f(None, "modify_bn_weight gauss: std")
-    bn_weight_init_min: Optional[float] = _f(None, "modify_bn_weight uniform: min")
-    bn_weight_init_max: Optional[float] = _f(None, "modify_bn_weight uniform: max")
+    pretrained_gamma: Optional[float] = _f(None, "modify_bn_weight=pretrained: scale", check="init")
+    pretrained_beta: Optional[float] = _f(None, "modify_bn_weight=pretrained: shift", check="init")
+    bn_weight_init_mean: Optional[float] = _f(None, "modify_bn_weight gauss: mean", check="init")
+    bn_weight_init_std: Optional[float] = _f(None, "modify_bn_weight gauss: std", check="init_std")
+    bn_weight_init_min: Optional[float] = _f(None, "modify_bn_weight uniform: min", check="init")
+    bn_weight_init_max: Optional[float] = _f(None, "modify_bn_weight uniform: max", check="init")
     init_identity_bn: bool = _f(True, "modify_bn_weight also on identity-path BNs (stem, downsample)")
     identity_skip: bool = _f(False, "pre-activation residual blocks (BN-act-conv x2, no activation after the sum)")
-    mlp_hlayer_n: int = _f(3, "MLP hidden layers (tabular/MNIST models)", check="ge1")
-    mlp_features_d: int = _f(1024, "MLP width (tabular/MNIST models)", check="ge1")
-    dropout: float = _f(0.0, "dropout (MLP models of the original; only 0 is supported)")
+    mlp_hlayer_n: int = _f(3, "MLP hidden layers (BNMLP, MLResBlock)", check="layers")
+    mlp_features_d: int = _f(1024, "MLP width (BNMLP, MLResBlock; at most 2**30 weights in all)", check="width")
+    dropout: float = _f(0.0, "dropout (MLP models of the original; only 0 is supported)", check="unit_closed")
     use_bn: bool = _f(True, "BatchNorm in MLP models (only true is supported)")
     add_skip: bool = _f(False, "skip connections in TableMLP")
     ignore_restrict_load: bool = _f(False, "stage 2: load the state dict non-strictly (skipped keys are logged)")
@@ -108,18 +118,21 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    total_epoch_num: int = _f(320, "training epochs (stage 2: 0 = evaluate only)", check="ge0")
-    base_lr: float = _f(0.01, "initial learning rate (cosine-annealed to 0)", check="ge0")
+    total_epoch_num: int = _f(320, "training epochs (stage 2: 0 = evaluate only)", check="epochs")
+    base_lr: float = _f(0.01, "initial learning rate (cosine-annealed to 0; a rate that is 0 in float32 is refused)",
+                       check="lr")
     optimizer: str = _f("SGD", "optimizer (AdamW: decoupled decay on every trained parameter)", ("SGD", "AdamW"))
-    momentum: float = _f(0.9, "SGD momentum", check="ge0")
+    momentum: float = _f(0.9, "SGD momentum", check="momentum")
     loss_type: str = _f("CE", "loss: CE; CB class-balanced (cb_type); FL sigmoid focal; DR dot regression; NC CE + feature terms", ("CE", "CB", "FL", "DR", "NC"))
     cb_type: str = _f("softmax", "CB variant (sigmoid and focal set the classifier bias to -log(K-1))", ("softmax", "sigmoid", "focal", "dr"))
     cb_beta: float = _f(0.9999, "class-balanced beta (1 = inverse frequency)", check="unit_closed")
-    cb_gamma: float = _f(2.0, "focal gamma (CB focal and FL)", check="ge0")
-    drw: int = _f(0, "deferred re-weighting: the first drw epochs train with plain CE, then loss_type", check="ge0")
-    nc_lambda1: float = _f(0.0, "NC loss: weight of the within-class feature term", check="ge0")
-    nc_lambda2: float = _f(0.0, "NC loss: weight of the between-class-mean angle term (subtracted)", check="ge0")
-    weight_decay: float = _f(0.0, "weight decay, as the explicit penalty wd*||w||^2/2 (AdamW: its decoupled decay)", check="ge0")
+    cb_gamma: float = _f(2.0, "focal gamma (CB focal and FL)", check="gamma")
+    drw: int = _f(0, "deferred re-weighting: the first drw epochs train with plain CE, then loss_type "
+                        "(below total_epoch_num)", check="epochs")
+    nc_lambda1: float = _f(0.0, "NC loss: weight of the within-class feature term", check="weight")
+    nc_lambda2: float = _f(0.0, "NC loss: weight of the between-class-mean angle term (subtracted)", check="weight")
+    weight_decay: float = _f(0.0, "weight decay, as the explicit penalty wd*||w||^2/2 (AdamW: its decoupled decay)",
+                             check="weight")
     weight_decay_conv: bool = _f(True, "decay conv weights")
     weight_decay_bn: bool = _f(True, "decay BN weights and biases")
     weight_decay_identity_bn: bool = _f(True, "decay identity-path BNs (stem, downsample)")
@@ -127,39 +140,42 @@ class OptimConfig:
     weight_decay_target_modules: Optional[list] = _f(None, "module indices decayed when weight_decay_limit (0 stem, 1-4 layers, 5 fc)")
     weight_decay_target: Optional[list] = _f(None, "[many, medium, few]: which classifier rows decay (default all)")
     norm_type: str = _f("none", "classifier normalisation", ("none", "L2", "tau", "maxnorm"))
-    norm_param: Optional[float] = _f(None, "L2: norm rate (1); tau: tau (1.9); maxnorm: threshold (0.1)")
+    norm_param: Optional[float] = _f(None, "L2: norm rate in [1e-4, 1e4] (1); tau: tau in [0, 10] (1.9); maxnorm: "
+                                           "threshold in [0, 1] (0.1); null = the value in brackets", check="norm")
     train_bn_bias: bool = _f(True, "train BN biases")
     train_bn_weight: bool = _f(True, "train BN weights")
-    features_regularization: float = _f(0.0, "feature regularisation fr*mean ||h||^2/2", check="ge0")
+    features_regularization: float = _f(0.0, "feature regularisation fr*mean ||h||^2/2", check="weight")
     # --- keys of this project ---
     maxnorm_every: str = _f("epoch", "MaxNorm projection after every epoch (WB's code) or step", ("epoch", "step"))
     frozen_bn_mode: str = _f("train", "stage-2 retraining: frozen backbone BN in train mode (original) or eval", ("train", "eval"))
     nonfinite: str = _f("stop", "a NaN/inf training loss: stop the run (keeping the last checkpoint) or skip the step",
                         ("stop", "skip"))
-    fdr_every: int = _f(5, "log train/val FDR to TensorBoard every N epochs (0 = never)", check="ge0")
+    fdr_every: int = _f(5, "log train/val FDR to TensorBoard every N epochs (0 = never)", check="epochs")
     sgd_impl: str = _f("auto", "SGD implementation, same update (auto = fused on CUDA, torch's default on CPU)",
                        ("auto", "fused", "foreach", "for-loop"))
 
 
 @dataclass
 class Config:
-    exp_name: str = _f("naive", "experiment name (a folder under exp/.../<project_name>/)")
+    exp_name: str = _f("naive", "experiment name (a folder under exp/.../<project_name>/: a plain name, no '/', "
+                                "no leading or trailing space)", check="name")
     project_name: str = _f("first", "stage", ("first", "second"))
     seeds: int = _f(0, "random seed", check="seed")
-    description: str = _f("", "free text")
+    description: str = _f("", "free text (any text; written escaped where it cannot be encoded)")
     save_features: bool = _f(False, "save penultimate features (.npy)")
     param_search: bool = _f(False, "evaluate on the validation set; run folder named by param_search_id")
-    param_search_id: int = _f(0, "run folder name when param_search", check="ge0")
+    param_search_id: int = _f(0, "run folder name when param_search", check="seed")
     save_checkpoint: bool = _f(False, "keep the full checkpoint.ckpt after the run finishes (it is written during "
                                       "the run anyway, see checkpoint_every; false shrinks it to a small marker at the end)")
     load_checkpoint: bool = _f(False, "resume from checkpoint.ckpt (same as --resume)")
     checkpoint_every: int = _f(0, "write checkpoint.ckpt every N epochs; 0 = auto: every epoch on CPU, on a GPU once "
                                   "the time since the last save is >= 20x its duration (saving < 5 % of the time); "
-                                  "always after the last epoch and on Ctrl-C", check="ge0")
+                                  "always after the last epoch and on Ctrl-C", check="epochs")
     checkpoint_every_s: float = _f(0.0, "also write checkpoint.ckpt once this many seconds have passed since the "
-                                        "last one (0 = off): bounds the time a crash can cost", check="ge0")
+                                        "last one (0 = off): bounds the time a crash can cost", check="seconds")
     deterministic: bool = _f(False, "deterministic algorithms (repeatable CPU and CUDA runs; slower on CUDA)")
-    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    device: str = _f("auto", "training device: auto (cuda when available, else cpu), cpu, cuda, or cuda:N "
+                              "(N a visible GPU)", check="device")
     # --- speed (README "Performance"); none changes what is computed beyond rounding ---
     precision: str = _f("auto", "autocast dtype of forward passes (auto = bf16 on CUDA with compute capability >= 8.0, "
                                 "else fp32; fp32 allows TF32 convolutions on such GPUs, fp32-strict does not)",
@@ -169,7 +185,7 @@ class Config:
                             ("auto", "channels_last", "contiguous"))
     compile: str = _f("off", "torch.compile mode of the forward pass (off = eager)",
                       ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
-    num_threads: int = _f(0, "CPU threads (0 = OMP_NUM_THREADS if set, else the cores available)", check="ge0")
+    num_threads: int = _f(0, "CPU threads (0 = OMP_NUM_THREADS if set, else the cores available)", check="threads")
     sync_bn: bool = _f(True, "under torchrun: BatchNorm statistics of the global batch, over all processes "
                              "(false: each process's own part; one process: no effect)")
     data: DataConfig = field(default_factory=DataConfig)
@@ -186,6 +202,34 @@ class Config:
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig}
+
+# What a run without training epochs (optim.total_epoch_num = 0) reads of the optim section: the
+# classifier normalisation applied at load, and the loss (a sigmoid loss initialises a fresh
+# classifier's bias).  Every other optim key has no effect there.
+EVAL_ONLY_OPTIM_KEYS = frozenset({"total_epoch_num", "norm_type", "norm_param", "loss_type", "cb_type"})
+
+
+def unused_optim_keys(config: dict) -> dict:
+    """{"optim.<key>": value} of the keys a run without training epochs never reads, set away
+    from their defaults (empty for a training run)."""
+    optim = config.get("optim", {})
+    if optim.get("total_epoch_num", 1) != 0:
+        return {}
+    defaults = dataclasses.asdict(OptimConfig())
+    return {f"optim.{k}": v for k, v in optim.items() if k not in EVAL_ONLY_OPTIM_KEYS and v != defaults.get(k, v)}
+
+
+def recorded_form(config: dict) -> dict:
+    """A config (``Config.to_dict()``) as args.json records it: in a run without training epochs,
+    the optim keys it never reads are recorded at their defaults, so that nobody reads a value
+    into the run that had no effect on it."""
+    unused = unused_optim_keys(config)
+    if not unused:
+        return config
+    defaults = dataclasses.asdict(OptimConfig())
+    out = dict(config)
+    out["optim"] = {k: (defaults[k] if f"optim.{k}" in unused else v) for k, v in config["optim"].items()}
+    return out
 
 # Keys that the original's own JSON files carry but its code never reads.
 LEGACY_KEYS = {("model", "encoder_num_layers")}
@@ -226,9 +270,13 @@ def _key(section: str, name: str) -> str:
     return f"{section}.{name}" if section else name
 
 
+@functools.lru_cache(maxsize=None)
+def _type_hints(cls) -> dict:
+    return typing.get_type_hints(cls)  # evaluates every annotation: once per class, not per field
+
+
 def _type_of(cls, name: str):
-    hints = typing.get_type_hints(cls)
-    return hints[name]
+    return _type_hints(cls)[name]
 
 
 def _base_type(tp):
@@ -252,18 +300,18 @@ def _coerce(value: Any, tp, key: str) -> Any:
     if base is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key} = {value!r} has the wrong type; expected true or false")
+        raise ConfigError(f"{key} = {_short(value)} has the wrong type; expected true or false")
     if base is int:
         if isinstance(value, bool):
-            raise ConfigError(f"{key} = {value!r} has the wrong type; expected an integer")
+            raise ConfigError(f"{key} = {_short(value)} has the wrong type; expected an integer")
         if isinstance(value, int):
             return value
         if isinstance(value, float) and math.isfinite(value) and value.is_integer():
             return int(value)
-        raise ConfigError(f"{key} = {value!r} has the wrong type; expected an integer")
+        raise ConfigError(f"{key} = {_short(value)} has the wrong type; expected an integer")
     if base is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} = {value!r} has the wrong type; expected a number")
+            raise ConfigError(f"{key} = {_short(value)} has the wrong type; expected a number")
         try:
             number = float(value)
         except OverflowError:
@@ -274,23 +322,83 @@ def _coerce(value: Any, tp, key: str) -> Any:
     if base is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{key} = {value!r} has the wrong type; expected a string")
+        raise ConfigError(f"{key} = {_short(value)} has the wrong type; expected a string")
     if base is list:
         if isinstance(value, list):
             return list(value)
-        raise ConfigError(f"{key} = {value!r} has the wrong type; expected a list")
+        raise ConfigError(f"{key} = {_short(value)} has the wrong type; expected a list")
     raise AssertionError(f"unhandled type for {key}: {tp}")  # pragma: no cover
 
 
-_RANGE_RULES = {
-    "ge0": (lambda v: v >= 0, "must be >= 0"),
-    "gt0": (lambda v: v > 0, "must be > 0"),
-    "ge1": (lambda v: v >= 1, "must be >= 1"),
-    "ge2": (lambda v: v >= 2, "must be >= 2"),
-    "unit_open0": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
-    "unit_closed": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-    "seed": (lambda v: 0 <= v < 2 ** 32, "must be an integer in [0, 2**32 - 1]"),
+@dataclass(frozen=True)
+class Range:
+    """A closed or half-open interval of allowed values, and how messages and the README show it."""
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+    high_shown: str = ""  # the upper bound as written for a reader ("2**20"); default: the number
+
+    def __contains__(self, value) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def text(self, integer: bool) -> str:
+        kind = "integer" if integer else "number"
+        high = self.high_shown or _num(self.high)
+        return f"{kind} in {'(' if self.low_open else '['}{_num(self.low)}, {high}{')' if self.high_open else ']'}"
+
+    def violation(self, value, integer: bool) -> str:
+        """'must be >= 1 (an integer in [1, 2**20])': the side it missed, then the whole range."""
+        if value < self.low or (self.low_open and value == self.low):
+            side = f"must be {'>' if self.low_open else '>='} {_num(self.low)}"
+        else:
+            side = f"must be {'<' if self.high_open else '<='} {self.high_shown or _num(self.high)}"
+        return f"{side} ({'an' if integer else 'a'} {self.text(integer)})"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e6 else f"{x:g}"
+
+
+INT64_MAX = 2 ** 63 - 1
+
+# Every numeric key's allowed values, by the name its field gives in ``check``.  The bounds keep
+# what consumes a value working: C longs (threads, seeds), allocations (batch sizes, MLP widths),
+# divisions (ratios), float32 (rates that round to 0, exponents that overflow), runs that end.
+RANGES = {
+    "ge0": Range(0, INT64_MAX, high_shown="2**63 - 1"),
+    "gt0": Range(0, 1e6, low_open=True),
+    "ge1": Range(1, INT64_MAX, high_shown="2**63 - 1"),
+    "ge2": Range(2, INT64_MAX, high_shown="2**63 - 1"),
+    "unit_open0": Range(0, 1, low_open=True),
+    "unit_closed": Range(0, 1),
+    "seed": Range(0, 2 ** 32 - 1, high_shown="2**32 - 1"),
+    "threads": Range(0, 4096),
+    "classes": Range(2, 100_000),
+    "batch": Range(1, 2 ** 20, high_shown="2**20"),
+    "batch0": Range(0, 2 ** 20, high_shown="2**20"),
+    "workers": Range(0, 256),
+    "epochs": Range(0, 100_000),
+    "seconds": Range(0, 1e9),
+    "ratio": Range(1e-4, 1e4),           # divides: 1 - (r-1) i / ((K-1) r)
+    "tau": Range(0, 100),
+    "eps": Range(1e-12, 1),
+    "init": Range(-1000, 1000),
+    "init_std": Range(0, 1000),
+    "layers": Range(1, 64),
+    "width": Range(1, 16_384),
+    "lr": Range(0, 100),
+    "momentum": Range(0, 1, high_open=True),  # 1 never forgets a gradient, > 1 diverges
+    "gamma": Range(0, 20),
+    "weight": Range(0, 100),
+    "norm": Range(0, 1e4),               # narrowed by norm_type (_check_norm_param)
 }
+
+# Text keys: names and paths must be writable as they are; free text (description) is anything.
+TEXT_RULES = {"name": "a plain folder name", "path": "a path", "device": "auto, cpu, cuda or cuda:N"}
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]{1,4})?")
 
 
 def _short(value: Any) -> str:
@@ -303,12 +411,44 @@ def _check_field(section: str, f: dataclasses.Field, value: Any) -> None:
     choices = f.metadata.get("choices")
     if choices is not None and value is not None and value not in choices:
         allowed = ", ".join(str(c) for c in choices)
-        raise ConfigError(f"{key} = {value!r} is not allowed; choose one of: {allowed}")
+        raise ConfigError(f"{key} = {_short(value)} is not allowed; choose one of: {allowed}")
     rule = f.metadata.get("check")
-    if rule is not None and value is not None:
-        ok, text = _RANGE_RULES[rule]
-        if not ok(value):
-            raise ConfigError(f"{key} = {_short(value)} {text}")
+    if rule is None or value is None:
+        return
+    if rule in TEXT_RULES:
+        _check_text(key, value, rule)
+    elif value not in RANGES[rule]:
+        raise ConfigError(f"{key} = {_short(value)} {RANGES[rule].violation(value, isinstance(value, int))}")
+
+
+def unencodable(text: str) -> Optional[str]:
+    """The first character that cannot be written as UTF-8 (a lone surrogate), as U+XXXX; else None."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as exc:
+        return f"U+{ord(text[exc.start]):04X}"
+
+
+def has_control_character(text: str) -> bool:
+    """A newline, tab, escape... (Unicode category Cc): legal in a Linux path, never meant in one."""
+    return any(unicodedata.category(ch) == "Cc" for ch in text)
+
+
+def _check_text(key: str, value: str, rule: str) -> None:
+    bad = unencodable(value)
+    if bad is not None:
+        raise ConfigError(f"{key} = {_short(value)} contains {bad}, a lone surrogate that cannot be written to a "
+                          f"file name or a log; give {TEXT_RULES[rule]} in valid Unicode")
+    if "\x00" in value:
+        raise ConfigError(f"{key} = {_short(value)} contains a NUL character; give {TEXT_RULES[rule]}")
+    if rule == "path" and has_control_character(value):
+        raise ConfigError(f"{key} = {_short(value)} contains a control character; give {TEXT_RULES[rule]}")
+    if rule == "name":
+        _check_exp_name(value)
+    elif rule == "device" and not DEVICE_PATTERN.fullmatch(value):
+        raise ConfigError(f"device = {_short(value)} is not allowed; choose auto, cpu, cuda or cuda:N "
+                          "(N = the index of a visible GPU, e.g. cuda:0)")
 
 
 def _build_section(cls, section: str, raw: dict, source: str):
@@ -353,7 +493,7 @@ def from_dict(raw: dict, source: str = "config") -> Config:
     for name, value in raw.items():
         if name in SECTIONS:
             if not isinstance(value, dict):
-                raise ConfigError(f"{name} = {value!r} has the wrong type; expected a JSON object (section)")
+                raise ConfigError(f"{name} = {_short(value)} has the wrong type; expected a JSON object (section)")
             sections[name] = _build_section(SECTIONS[name], name, value, source)
         elif name in top_known:
             top_values[name] = _coerce(value, _type_of(Config, name), name)
@@ -385,15 +525,76 @@ def validate(cfg: Config) -> None:
     if cfg.data.eval_hflip and cfg.data.name == "Helena":
         raise ConfigError("data.eval_hflip = true flips images; Helena is a feature table (set it to false)")
     _check_optim(cfg.optim)
+    _check_norm_param(cfg.optim)
+    _check_sizes(cfg)
+    _check_schedule(cfg.optim)
     from utils.tau_sweep import check_sweep
     check_sweep(cfg)
-    _check_exp_name(cfg.exp_name)
-    for key, value in (("data.root", cfg.data.root), ("model.pretrained_path", cfg.model.pretrained_path)):
-        if "\x00" in value:
-            raise ConfigError(f"{key} = {value!r} contains a NUL character; give a plain path")
+    if not cfg.data.root.strip():
+        raise ConfigError(f"data.root = {cfg.data.root!r} is empty; give the folder that holds the datasets "
+                          "(default: datasets)")
     if cfg.project_name == "second" and cfg.model.is_pretrained and not cfg.model.pretrained_path:
         raise ConfigError("model.pretrained_path is empty; stage 2 needs the stage-1 run directory "
                           "(e.g. exp/Cifar100/ResNet34/first/<exp_name>)")
+
+
+# norm_param by norm_type (SPEC 7.1, 7.3): the L2 rate divides, tau is an exponent of the row
+# norms, the MaxNorm threshold is a fraction of the way from the smallest row norm to the largest.
+NORM_PARAM_RANGES = {"L2": RANGES["ratio"], "tau": Range(0, 10), "maxnorm": Range(0, 1)}
+
+
+def _check_norm_param(o: "OptimConfig") -> None:
+    allowed = NORM_PARAM_RANGES.get(o.norm_type)
+    if o.norm_param is not None and allowed is not None and o.norm_param not in allowed:
+        raise ConfigError(f"optim.norm_param = {_short(o.norm_param)} {allowed.violation(o.norm_param, False)} with "
+                          f"optim.norm_type = {o.norm_type!r}")
+
+
+# Inputs of each dataset as the MLP models see them (flattened C x H x W, or Helena's features).
+INPUT_FEATURES = {"Digits": 64, "MNIST": 784, "Cifar10": 3072, "Cifar100": 3072, "ImageNet": 3 * 224 * 224,
+                  "MiniImagenet": 3 * 224 * 224, "Helena": 27}
+MAX_MLP_WEIGHTS = 2 ** 30  # 4 GiB of float32 weights; training holds 3-4 times that
+
+
+def mlp_weights(model_name: str, data_name: str, layers: int, width: int) -> int:
+    """Weights of the Linear layers of BNMLP / MLResBlock (models/small.py), classifier excluded."""
+    first = INPUT_FEATURES[data_name] * width
+    if model_name == "BNMLP":
+        return first + (layers - 1) * width * width
+    return first + 2 * layers * width * width  # MLResBlock: two Linear layers per block
+
+
+def _check_sizes(cfg: Config) -> None:
+    """Sizes against what consumes them: BatchNorm in training, the memory of the MLP models."""
+    if cfg.optim.total_epoch_num > 0 and cfg.data.batch_size < 2:
+        raise ConfigError(f"data.batch_size = {cfg.data.batch_size} cannot train: every model here has BatchNorm, "
+                          "whose batch statistics need at least 2 images; use 2 or more")
+    m = cfg.model
+    if m.name in ("BNMLP", "MLResBlock"):
+        weights = mlp_weights(m.name, cfg.data.name, m.mlp_hlayer_n, m.mlp_features_d)
+        if weights > MAX_MLP_WEIGHTS:
+            raise ConfigError(f"model.mlp_features_d = {m.mlp_features_d} with model.mlp_hlayer_n = {m.mlp_hlayer_n} "
+                              f"asks {m.name} for {weights:.3g} weights ({weights * 4 / 2 ** 30:.0f} GiB of float32, "
+                              f"several times that in training); at most 2**30: lower the width or the layers")
+
+
+def _check_schedule(o: "OptimConfig") -> None:
+    """Learning rates that cannot train, and a schedule that never does."""
+    if 0 < o.base_lr and float(np.float32(o.base_lr)) < np.finfo(np.float32).tiny:
+        raise ConfigError(f"optim.base_lr = {o.base_lr!r} is below the smallest normal float32 (1.2e-38): on float32 "
+                          "weights every step would round to no change; use 0 to mean no training, or a larger rate")
+    if o.loss_type != "CE" and o.drw >= o.total_epoch_num > 0:
+        raise ConfigError(f"optim.drw = {o.drw} with optim.total_epoch_num = {o.total_epoch_num}: the first drw epochs "
+                          f"train with plain CE, so optim.loss_type = {o.loss_type!r} would never be used; set drw "
+                          "below total_epoch_num (0 = re-weight from the start)")
+    # SPEC 6.3: the cosine schedule is stepped at the start of every epoch, so epoch 1 runs at
+    # 0.5 * base_lr * (1 + cos(pi / total)); the rates only fall from there.
+    if o.total_epoch_num > 0 and 0.5 * o.base_lr * (1 + math.cos(math.pi / o.total_epoch_num)) == 0:
+        why = ("optim.base_lr = 0" if o.base_lr == 0 else
+               "optim.total_epoch_num = 1 and the cosine schedule, stepped at the start of each epoch as in the "
+               "original, is already at 0 for its only epoch")
+        _no_effect(f"{why}: every epoch runs at lr 0 and the weights never change (BatchNorm statistics still "
+                   "move); use 2 or more epochs and a rate > 0 to train")
 
 
 RESNET_MODELS = ("ResNet34", "ResNet18", "ResNeXt50", "IMResNet34", "IMResNet18")
@@ -493,27 +694,87 @@ def _no_effect(message: str) -> None:
 
 
 def _check_exp_name(name: str) -> None:
-    bad = (not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("~")
-           or any(ord(ch) < 32 or ord(ch) == 127 for ch in name) or len(name.encode("utf-8", "replace")) > 200)
+    # a leading '.' would hide the runs (the report skips hidden folders, where --overwrite keeps an old copy)
+    bad = (not name.strip() or name.startswith((".", "~")) or "/" in name or "\\" in name
+           or name != name.strip() or any(ord(ch) < 32 or ord(ch) == 127 for ch in name)
+           or len(name.encode("utf-8")) > 200)
     if bad:
-        raise ConfigError(f"exp_name = {name!r} is not allowed; use a plain folder name "
-                          "(no '/', '\\', '..'), it becomes a folder under exp/")
+        raise ConfigError(f"exp_name = {_short(name)} is not allowed; use a plain folder name "
+                          "(no '/', '\\', control characters, leading '.' or '~', leading or trailing spaces; at most "
+                          "200 bytes): "
+                          "it becomes a folder under exp/")
 
 
-def load_json(path: str | Path) -> dict:
+MAX_JSON_BYTES = 1 << 20  # a config is a few kB; the limit keeps /dev/zero-like inputs from filling memory
+
+
+def _refuse_duplicates(pairs: list) -> dict:
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def read_json_file(path: str | Path, label: str = "", error: type = ConfigError) -> Any:
+    """The one reader of JSON files (configs, a stage-1 run's args.json, a run's results).
+
+    Only a regular file is read (a FIFO, a device such as /dev/zero or a directory is refused
+    before anything is read), at most MAX_JSON_BYTES of it, as UTF-8 (a byte-order mark is
+    allowed); a key repeated in one object is refused by name, where ``json`` would silently
+    keep the last.  Every problem is one line: ``error(f"{label}: ...")``.
+    """
     path = Path(path)
+    label = label or str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then names what it is
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
-        raise ConfigError(f"--json_path {str(path)!r}: file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--json_path {str(path)!r}: cannot read ({exc})") from None
+        raise error(f"{label}: file not found") from None
+    except (OSError, ValueError) as exc:
+        raise error(f"{label}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
     try:
-        return json.loads(text)
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file (a device, FIFO or socket)"
+            raise error(f"{label}: {kind}, not a JSON file")
+        if info.st_size > MAX_JSON_BYTES:
+            raise error(f"{label}: {info.st_size} bytes, more than the {MAX_JSON_BYTES} (1 MiB) a JSON file may have")
+        with os.fdopen(fd, "rb") as fh:
+            fd = -1
+            data = fh.read(MAX_JSON_BYTES + 1)
+    except OSError as exc:
+        raise error(f"{label}: cannot read ({exc.strerror or exc})") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    if len(data) > MAX_JSON_BYTES:
+        raise error(f"{label}: it grew beyond {MAX_JSON_BYTES} bytes while it was read (a JSON file may have 1 MiB)")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise error(f"{label}: cannot read (not UTF-8 text: byte {exc.start} is {data[exc.start]:#04x})") from None
+    try:
+        return json.loads(text, object_pairs_hook=_refuse_duplicates)
+    except _DuplicateKey as exc:
+        raise error(f"{label}: key {_short(exc.key)} appears twice in one object (JSON keeps only the last, "
+                    "silently); keep one") from None
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+        raise error(f"{label}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
     except (ValueError, RecursionError) as exc:  # a 5000-digit number, arrays nested thousands deep
-        raise ConfigError(f"{path}: unreadable JSON ({type(exc).__name__}: {str(exc)[:80]})") from None
+        raise error(f"{label}: unreadable JSON ({type(exc).__name__}: {str(exc)[:80]})") from None
+
+
+def load_json(path: str | Path) -> Any:
+    """A --json_path config file (see read_json_file)."""
+    return read_json_file(path, f"--json_path {str(path)!r}")
 
 
 # ---------------------------------------------------------------------------
@@ -609,21 +870,17 @@ def resolve(stage: str, json_path: Optional[str], overrides: dict) -> Config:
         if not isinstance(raw, dict):
             raise ConfigError(f"{json_path}: the top level must be a JSON object {{...}}, not {type(raw).__name__}")
         if isinstance(raw, dict) and raw.get("project_name", stage) != stage:
-            raise ConfigError(f"project_name = {raw.get('project_name')!r} in {json_path}, "
+            raise ConfigError(f"project_name = {_short(raw.get('project_name'))} in {json_path}, "
                               f"but this is the {stage} stage ({stage}.py)")
     else:
         raw = STAGE_FLAG_DEFAULTS[stage]
         source = f"{stage}.py defaults"
     if overrides.get("project_name", stage) != stage:
-        raise ConfigError(f"--project_name {overrides['project_name']!r} does not match this script; "
+        raise ConfigError(f"--project_name {_short(overrides['project_name'])} does not match this script; "
                           f"{stage}.py always runs project_name {stage!r}")
     raw = _merge(raw, overrides)
     raw = _merge(raw, {"project_name": stage})
     return from_dict(raw, source)
-
-
-_RANGE_TEXT = {"ge0": "number >= 0", "gt0": "number > 0", "ge1": "integer >= 1", "ge2": "integer >= 2",
-               "unit_open0": "(0, 1]", "unit_closed": "[0, 1]", "seed": "integer in [0, 2**32 - 1]"}
 
 
 def field_table() -> list[tuple[str, str, str, str]]:
@@ -638,10 +895,11 @@ def field_table() -> list[tuple[str, str, str, str]]:
         choices = f.metadata.get("choices")
         if choices:
             allowed = " \\| ".join(map(str, choices))
-        elif f.metadata.get("check"):
-            allowed = _RANGE_TEXT[f.metadata["check"]]
-            if base is int:
-                allowed = allowed.replace("number", "integer")
+        elif f.metadata.get("check") in RANGES:
+            allowed = RANGES[f.metadata["check"]].text(base is int)
+        elif f.metadata.get("check") in TEXT_RULES:
+            allowed = {"name": "folder name (at most 200 bytes)", "path": "path (valid Unicode)",
+                       "device": "auto \\| cpu \\| cuda \\| cuda:N"}[f.metadata["check"]]
         else:
             allowed = {bool: "true \\| false", int: "integer", float: "number", str: "string", list: "list"}[base]
         if optional:

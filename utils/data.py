@@ -181,7 +181,8 @@ def long_tailed_counts(n_max: float, n_classes: int, imb_type: str, imb_factor: 
 
     * ``"exp"``:  ``n_c = round(n_max * imb_factor ** (c / (K-1)))``
     * ``"step"``: first ``K // 2`` classes ``round(n_max)``, the rest ``round(n_max * imb_factor)``
-    * anything else: ``round(n_max)`` for every class (balanced).
+    * ``"none"``: ``round(n_max)`` for every class (balanced).  The original took any other text
+      to mean balanced; the config (utils/config.py) accepts exactly these three names.
 
     Rounding is Python's ``round()`` (round to nearest).  Truncation with ``int()``
     (as in some published code) does NOT reproduce the published sizes: with
@@ -326,6 +327,8 @@ def _ensure_cifar(name: str, spec: dict, root: Path, download: bool) -> Path:
     fill = f"Put the official python version ({spec['tarball']}, extracted) there."
     if not download:
         raise DataError(f"{spec['pretty']} not found under {folder} (download=False). {fill}")
+    created = [p for p in [root, *root.parents] if not p.exists()]
+    before = set(root.iterdir()) if root.is_dir() else set()
     try:
         import torchvision.datasets as tvd
 
@@ -334,6 +337,7 @@ def _ensure_cifar(name: str, spec: dict, root: Path, download: bool) -> Path:
         cls(str(root), train=True, download=True)
         cls(str(root), train=False, download=True)
     except Exception as e:
+        _remove_partial_download(root, before, created)
         raise DataError(
             f"{spec['pretty']} not found under {folder} and could not be downloaded "
             f"({type(e).__name__}: {_one_line(e)}). {fill}"
@@ -341,6 +345,24 @@ def _ensure_cifar(name: str, spec: dict, root: Path, download: bool) -> Path:
     if not folder.is_dir():
         raise DataError(f"{spec['pretty']} not found under {folder} after downloading. {fill}")
     return folder
+
+
+def _remove_partial_download(root: Path, before: set, created: list) -> None:
+    """A failed download (offline) leaves what it found: its partial files and the folders it
+    made go (an empty ``datasets/`` would look like a data root someone had prepared)."""
+    import shutil
+
+    if root.is_dir():
+        for entry in set(root.iterdir()) - before:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+    for folder in created:  # deepest first
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 def _load_cifar(name: str, root: Path, imb_type: str, imb_factor: float, download: bool) -> LTData:

@@ -10,7 +10,10 @@ the run directory is created.
 """
 from __future__ import annotations
 
+import math
+import pickle
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,8 +28,10 @@ from models import build_model
 from utils import distributed as ddp
 from utils.accel import FastPath, keep_freed_memory, make_fast_path, resolve_eval_batch_size, resolve_threads
 from utils.augment import BatchAugment
-from utils.checkpoint import RunCheckpoint, apply_determinism, open_run, plan_run
-from utils.config import Config, ConfigError
+from utils.checkpoint import (FINAL_EVENTS_SUFFIX, RunCheckpoint, _settle_best, apply_determinism, delete_old_copy,
+                              open_run, plan_run, run_directory)
+from utils.config import Config, ConfigError, recorded_form, unused_optim_keys
+from utils.errors import CheckpointError, RunDirError, UserError
 from utils.data import LTData, load_dataset
 from utils.evaluation import final_evaluation, log_fdr
 from utils.objective import (decayed_parameters, describe_parameters, init_classifier_bias,
@@ -35,10 +40,11 @@ from utils.plots import plot_run
 from utils.records import class_mean
 from utils.regularizers import MaxNorm, normalise_classifier
 from utils.rundir import (ARGS_FILE, BEST_LOG_FILE, BEST_PARAM_FILE, METRICS_FILE, TRACK_RECORDS_FILE,
-                          TRAIN_LOG_FILE, FollowerRunDir, RunDir)
+                          TRAIN_LOG_FILE, FollowerRunDir, RunDir, load_state_dict)
+from utils.runlock import RunLock
 from utils.stage1 import (CLASSIFIER_PREFIX, Stage1Run, adapt_state_dict, apply_bn_weight_init, load_into,
                           read_stage1)
-from utils.tau_sweep import run_sweep
+from utils.tau_sweep import parse_taus, run_sweep
 from utils.batches import make_splits
 from models.small import SMALL_MODELS, small_model_options
 from utils.train import SplitTensors, TrainState, cosine_lr, evaluate, train_one_epoch
@@ -84,7 +90,10 @@ class RunLog:
     def info(self, message: str) -> None:
         if not self.run.writes:
             return
-        print(message, flush=True)
+        try:
+            print(message, flush=True)
+        except (BrokenPipeError, ValueError):  # a closed terminal or pipe (| head): train.log still gets it
+            pass
         self.run.append_line(TRAIN_LOG_FILE, message)
 
 
@@ -136,29 +145,36 @@ class Prepared:
     fast: FastPath = field(default_factory=FastPath)
 
 
-def prepare(cfg: Config, stage: str) -> Prepared:
+def prepare(cfg: Config, stage: str, allow_unfinished_stage1: bool = False) -> Prepared:
     """Everything that can fail on bad input, before anything is written."""
     device = use_device(cfg.device)
     torch.set_num_threads(resolve_threads(cfg.num_threads))
     if device.type == "cpu":
         keep_freed_memory()
     seed_everything(cfg.seeds)
-    stage1 = read_stage1(cfg) if (stage == "second" and cfg.model.is_pretrained) else None
+    stage1 = (read_stage1(cfg, allow_unfinished=allow_unfinished_stage1)
+              if (stage == "second" and cfg.model.is_pretrained) else None)
     data = load_dataset(cfg.data.name, cfg.data.root, cfg.data.imb_type, cfg.data.imb_factor,
                         cfg.data.n_classes, download=cfg.data.download, helena_counts=cfg.data.helena_counts)
     # resolved once, here, so every evaluation pass and args.json see the same number
     cfg.data.eval_batch_size = resolve_eval_batch_size(cfg.data.eval_batch_size, device, data.input_size)
-    model = make_model(cfg, data)
-    init_classifier_bias(cfg, model)  # sigmoid losses: -log(K-1); stage-1 weights loaded below win
-    if stage1 is not None:
-        prefix = getattr(model, "classifier_prefix", CLASSIFIER_PREFIX)  # small models: "fc."
-        fresh_classifier = cfg.model.load_only_representation or not cfg.model.load_last_linear
-        state = adapt_state_dict(stage1.state_dict, stage1.config.model.use_etf, cfg.model.use_etf,
-                                 fresh_classifier, prefix=prefix)
-        stage1.skipped_keys = load_into(model, state, strict=not fresh_classifier,
-                                        source=stage1.path / BEST_PARAM_FILE, prefix=prefix,
-                                        ignore_restrict_load=cfg.model.ignore_restrict_load)
-    model.to(device)
+    check_adjustment_range(cfg, data.class_counts)
+    try:
+        model = make_model(cfg, data)
+        init_classifier_bias(cfg, model)  # sigmoid losses: -log(K-1); stage-1 weights loaded below win
+        if stage1 is not None:
+            prefix = getattr(model, "classifier_prefix", CLASSIFIER_PREFIX)  # small models: "fc."
+            fresh_classifier = cfg.model.load_only_representation or not cfg.model.load_last_linear
+            state = adapt_state_dict(stage1.state_dict, stage1.config.model.use_etf, cfg.model.use_etf,
+                                     fresh_classifier, prefix=prefix)
+            stage1.skipped_keys = load_into(model, state, strict=not fresh_classifier,
+                                            source=stage1.path / BEST_PARAM_FILE, prefix=prefix,
+                                            ignore_restrict_load=cfg.model.ignore_restrict_load)
+        model.to(device)
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise ConfigError(memory_message(cfg, device, "building the model")) from None
+        raise
     if ddp.context().enabled and cfg.sync_bn:
         ddp.convert_sync_batchnorm(model)  # training-mode statistics over the global batch
     if cfg.optim.norm_type in ("L2", "tau"):
@@ -167,34 +183,172 @@ def prepare(cfg: Config, stage: str) -> Prepared:
     return Prepared(cfg, stage, device, data, model, stage1, fast)
 
 
+def check_adjustment_range(cfg: Config, class_counts) -> None:
+    """Multiplicative logit adjustment scales logit c by 1 / pi_c^tau = exp(-tau log pi_c): with
+    the rarest class of this dataset, a tau whose factor overflows float32 would turn logits into
+    inf and NaN.  Refused before any work, naming the largest tau that fits."""
+    m = cfg.model
+    if m.use_additive_logit_adjustment:
+        return
+    taus = [m.logit_adjustment_tau] + parse_taus(m.logit_adjustment_tau_sweep)
+    rarest = -math.log(min(class_counts) / sum(class_counts))
+    limit = math.log(float(np.finfo(np.float32).max)) / 2  # half the exponent range: logits keep room too
+    worst = max(taus)
+    if rarest > 0 and worst * rarest > limit:
+        key = ("model.logit_adjustment_tau_sweep" if worst != m.logit_adjustment_tau
+               else "model.logit_adjustment_tau")
+        raise ConfigError(f"{key}: tau {worst:g} with multiplicative adjustment scales the rarest class's logit by "
+                          f"1/pi^tau = e^{worst * rarest:.0f}, beyond float32; on {cfg.data.name} tau must stay "
+                          f"<= {limit / rarest:.2f}")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, the CPU allocator's failure, or Python's MemoryError."""
+    if isinstance(exc, MemoryError):
+        return True
+    types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
+                  if t is not None)
+    if types and isinstance(exc, types):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def memory_message(cfg: Config, device: torch.device, phase: str) -> str:
+    """Which keys made a run too big for the memory of its device, in one line."""
+    m = cfg.model
+    if phase == "building the model":
+        if m.name in ("BNMLP", "MLResBlock"):
+            keys = f"model.mlp_features_d = {m.mlp_features_d}, model.mlp_hlayer_n = {m.mlp_hlayer_n}"
+        else:
+            keys = f"model.name = {m.name!r}, data.n_classes = {cfg.data.n_classes}"
+        return f"out of memory on {device} {phase} ({keys}); choose a smaller model, or another device"
+    return (f"out of memory on {device} {phase} (data.batch_size = {cfg.data.batch_size}, data.eval_batch_size = "
+            f"{cfg.data.eval_batch_size}, model.name = {m.name!r}); lower data.batch_size or data.eval_batch_size")
+
+
+def _lock_run_directory(cfg: Config, exp_root) -> Optional[RunLock]:
+    """Rank 0 takes the run directory's lock for the whole run; a refusal reaches every rank."""
+    failure, lock = None, None
+    if ddp.context().is_main:
+        try:
+            lock = RunLock(run_directory(cfg, exp_root)).acquire()
+        except UserError as exc:
+            failure = exc
+    if ddp.any_rank(failure is not None):
+        raise failure if failure is not None else RunDirError("rank 0 could not lock the run directory; see its error")
+    return lock
+
+
+def _open_on_rank0(plan, exp_root, cfg) -> RunDir:
+    failure, rundir = None, None
+    if ddp.context().is_main:
+        try:
+            rundir = open_run(plan, exp_root, cfg)
+        except UserError as exc:
+            failure = exc
+    if ddp.any_rank(failure is not None):
+        raise failure if failure is not None else RunDirError("rank 0 could not open the run directory; see its error")
+    return rundir if rundir is not None else FollowerRunDir(plan.path)
+
+
 def run(cfg: Config, stage: str, exp_root: str | Path = "exp", resume: Optional[bool] = None,
-        overwrite: bool = False) -> Path:
+        overwrite: bool = False, allow_unfinished_stage1: bool = False) -> Path:
     """Train and/or evaluate one seed; returns the run directory.
 
     An existing run directory is only touched with ``resume`` (default: the
     config's ``load_checkpoint``) or ``overwrite`` (see utils/checkpoint.py).
+    The run holds the directory's lock (utils/runlock.py) from before it plans
+    until it ends, whatever ends it.
     """
+    resume = cfg.load_checkpoint if resume is None else resume
+    lock = _lock_run_directory(cfg, exp_root)
+    try:
+        return _run_locked(cfg, stage, exp_root, resume, overwrite, allow_unfinished_stage1, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(cfg: Config, stage: str, exp_root, resume: bool, overwrite: bool, allow_unfinished_stage1: bool,
+                lock: Optional[RunLock]) -> Path:
     started = time.perf_counter()
-    dist = ddp.context()
-    plan = plan_run(cfg, stage, exp_root, cfg.load_checkpoint if resume is None else resume, overwrite)
+    plan = plan_run(cfg, stage, exp_root, resume, overwrite, locked=True)
     # under torchrun: every rank has planned (and read any checkpoint) before rank 0 writes
     ddp.agree((plan.action, plan.first_epoch), f"what to do with {plan.path}")
     if plan.action == "done":
-        if dist.is_main:
+        if ddp.context().is_main:
             print(plan.note, flush=True)
         return plan.path
     apply_determinism(cfg.deterministic)
     if cfg.compile != "off":
         torch.compiler.reset()  # each seed compiles afresh: no graph, guard or CUDA graph of the previous one
-    p = prepare(cfg, stage)
-    rundir = open_run(plan, exp_root, cfg) if dist.is_main else FollowerRunDir(plan.path)
+    p = prepare(cfg, stage, allow_unfinished_stage1)
+    rundir = _open_on_rank0(plan, exp_root, cfg)
     ddp.barrier()
     log = RunLog(rundir)
     ckpt = RunCheckpoint(rundir, cfg, stage, plan, log)
-    rundir.write_json(ARGS_FILE, {**cfg.to_dict(), "load_checkpoint": False})  # re-running it starts afresh
+    try:
+        _train_and_evaluate(p, plan, rundir, log, ckpt, lock)
+        ckpt.finish()
+    except Exception as exc:
+        failure = _failure(exc, p, plan, rundir, ckpt)
+        if failure is exc:
+            raise
+        raise failure from None
+    log.info(f"finished in {time.perf_counter() - started:.1f} s")
+    ddp.barrier()  # no rank starts the next seed before rank 0 has finished writing this one
+    return rundir.path
+
+
+def _failure(exc: Exception, p: Prepared, plan, rundir: RunDir, ckpt: RunCheckpoint) -> BaseException:
+    """What a failed run raises, and what it leaves.
+
+    Bad input found late (a full disk, a file system that went away, memory too small for the
+    batch): one line.  A new run that fails so before its first checkpoint holds nothing worth
+    keeping and is removed (nothing written, as for any bad input; the next attempt needs no
+    flag).  Otherwise the last checkpoint and its best weights stay, and --resume continues."""
+    oom = is_out_of_memory(exc)
+    if not (isinstance(exc, (UserError, OSError)) or oom):
+        return exc  # a bug, a diverged loss, an interrupt: handled by the command line as they are
+    fresh = plan.action != "resume" and ckpt.saved_epoch == 0
+    if rundir.writes and rundir.path.is_dir():
+        if fresh and plan.created:
+            shutil.rmtree(rundir.path, ignore_errors=True)
+        else:
+            _settle_after_failure(rundir, ckpt)
+    if oom:
+        if fresh:
+            return ConfigError(memory_message(p.cfg, p.device, "in the first epoch"))
+        return ConfigError(memory_message(p.cfg, p.device, "during the run")
+                           + "; the last checkpoint is kept: rerun with --resume and a smaller data.eval_batch_size")
+    if isinstance(exc, OSError):
+        kept = ("nothing of the run was kept" if fresh else
+                "the last checkpoint and the best weights are kept")
+        return RunDirError(f"cannot write {exc.filename or rundir.path}: {exc.strerror or exc} ({kept}; free space or "
+                           "fix the file system, then rerun" + ("" if fresh else " with --resume") + ")")
+    return exc
+
+
+def _train_and_evaluate(p: Prepared, plan, rundir: RunDir, log: RunLog, ckpt: RunCheckpoint,
+                        lock: Optional[RunLock]) -> None:
+    cfg, stage, dist = p.cfg, p.stage, ddp.context()
+    if lock is not None and lock.taken_over is not None:
+        owner = lock.taken_over
+        log.info(f"took over the lock of {owner.describe()} ({owner.command or 'command unknown'}), which is no "
+                 "longer running")
+    recorded = {**recorded_form(cfg.to_dict()), "load_checkpoint": False}  # re-running it starts afresh
+    rundir.write_json(ARGS_FILE, recorded)
     log.info(f"run directory: {rundir.path}")
     if plan.note:
         log.info(plan.note)
+    problem = delete_old_copy(plan)
+    if problem:
+        log.info(f"warning: {problem}")
+    unused = unused_optim_keys(cfg.to_dict())
+    if unused:
+        log.info("evaluation only (optim.total_epoch_num = 0): " + ", ".join(f"{k} = {v!r}" for k, v in unused.items())
+                 + " had no effect; args.json records the defaults")
     log.info(f"python {sys.version.split()[0]}, torch {torch.__version__}, device {p.device}")
     log.info(f"{p.fast.describe()}, {torch.get_num_threads()} CPU threads")
     if dist.enabled:
@@ -202,7 +356,7 @@ def run(cfg: Config, stage: str, exp_root: str | Path = "exp", resume: Optional[
                  f"{cfg.data.batch_size // dist.world_size}; BatchNorm statistics "
                  f"{'over the global batch' if cfg.sync_bn else 'per process (sync_bn = false)'}")
     if p.stage1 is not None:
-        log.info(f"loaded stage-1 weights from {p.stage1.path / BEST_PARAM_FILE}")
+        log.info(f"loaded stage-1 weights from {p.stage1.path / BEST_PARAM_FILE}{p.stage1.unfinished_note}")
         if p.stage1.skipped_keys:
             log.info(f"ignore_restrict_load: {len(p.stage1.skipped_keys)} keys not loaded: "
                      + ", ".join(p.stage1.skipped_keys))
@@ -212,40 +366,85 @@ def run(cfg: Config, stage: str, exp_root: str | Path = "exp", resume: Optional[
     from torch.utils.tensorboard import SummaryWriter
     writer = (SummaryWriter(log_dir=str(rundir.path), purge_step=plan.first_epoch if ckpt.resuming else None)
               if rundir.writes else NullWriter())
+    final_writer = None
     try:
         train, val, test, augment = make_splits(p.data, p.device, cfg.data.num_workers)
         track = None
         if cfg.optim.total_epoch_num > 0:
             track = fit(p, rundir, writer, log, train, val, augment, ckpt)
             if rundir.writes:
-                p.model.load_state_dict(torch.load(rundir.file(BEST_PARAM_FILE), map_location=p.device,
-                                                   weights_only=True))
+                p.model.load_state_dict(_best_weights(rundir, p.device))
             ddp.broadcast_module(p.model)  # no shared filesystem needed for the other ranks
         else:
             # Evaluation only: the adjusted model is what this run stands for.
             rundir.save_torch(BEST_PARAM_FILE, p.model.state_dict())
             rundir.write_csv(METRICS_FILE, ["epoch"], [])
+        chosen_tau = None
         if cfg.model.logit_adjustment_tau_sweep:
-            run_sweep(p, rundir, log, val, test, augment)
+            chosen_tau = run_sweep(p, rundir, log, val, test, augment)["tau"]
         val_acc = evaluate(p.model, val, augment, p.data.n_classes, cfg.data.eval_batch_size,
                            fast=p.fast).class_avg_acc
         log.info(f"validation class-averaged accuracy of the final model: {val_acc:.4f}")
-        final = final_evaluation(p, rundir, writer, log, train, test, augment, val)
+        # the final evaluation's events go to their own file, which a resumed run replaces whole
+        final_writer = (SummaryWriter(log_dir=str(rundir.path), filename_suffix=FINAL_EVENTS_SUFFIX)
+                        if rundir.writes else NullWriter())
+        final = final_evaluation(p, rundir, final_writer, log, train, test, augment, val)
         if track is not None:
             rundir.save_torch(TRACK_RECORDS_FILE, track)
         if rundir.writes:
             plot_run(rundir.path, p.data.train_images, p.data.train_labels,
-                     p.stage1.path if p.stage1 is not None else None, writer)
-        writer.add_hparams({"seed": cfg.seeds, "exp_name": cfg.exp_name, "stage": p.stage},
-                           {**{f"hparam/acc_{k}": v for k, v in final["acc"].items()},
-                            **{f"hparam/FDR_{k}": v for k, v in final["fdr"].items()}}, run_name=".")
+                     p.stage1.path if p.stage1 is not None else None, final_writer)
+            _write_hparams(final_writer, cfg, stage, final)
+        if chosen_tau is not None:  # where a reader looks first: the run's own config
+            recorded["model"] = {**recorded["model"], "logit_adjustment_tau": chosen_tau}
+            rundir.write_json(ARGS_FILE, recorded)
+            log.info(f"args.json records the chosen tau {chosen_tau:g} as model.logit_adjustment_tau "
+                     f"(configured: {cfg.model.logit_adjustment_tau:g})")
     finally:
         ckpt.close()  # also names the epoch and step of a FloatingPointError on its way out
+        for w in (writer, final_writer):
+            if w is not None:
+                _close_quietly(w)
+
+
+def _best_weights(rundir: RunDir, device: torch.device) -> dict:
+    path = rundir.file(BEST_PARAM_FILE)
+    try:
+        return {k: v.to(device) for k, v in load_state_dict(path).items()}
+    except (OSError, ValueError, pickle.UnpicklingError) as exc:
+        raise CheckpointError(f"cannot reload the best weights {path} for the final evaluation ({exc}); "
+                              "rerun with --resume once the file is back, or --overwrite") from None
+
+
+def _settle_after_failure(rundir: RunDir, ckpt: RunCheckpoint) -> None:
+    """After a failed write: the best weights are those of the last checkpoint; the pending file
+    of an epoch whose checkpoint never landed is removed (as --resume would)."""
+    if rundir.writes and rundir.path.is_dir():
+        try:
+            _settle_best(rundir, {"best_epoch": ckpt.best_epoch})
+        except OSError:
+            pass
+
+
+def _close_quietly(writer) -> None:
+    """Close a TensorBoard writer whose disk may be full: its error must not hide the run's own."""
+    try:
         writer.close()
-    ckpt.finish()
-    log.info(f"finished in {time.perf_counter() - started:.1f} s")
-    ddp.barrier()  # no rank starts the next seed before rank 0 has finished writing this one
-    return rundir.path
+    except Exception:
+        if sys.exc_info()[0] is None:
+            raise
+
+
+def _write_hparams(writer, cfg: Config, stage: str, final: dict) -> None:
+    """The HParams tab's record of the run (what SummaryWriter.add_hparams writes, but into the
+    final evaluation's own events file rather than a new one)."""
+    from torch.utils.tensorboard.summary import hparams
+    metrics = {**{f"hparam/acc_{k}": v for k, v in final["acc"].items()},
+               **{f"hparam/FDR_{k}": v for k, v in final["fdr"].items()}}
+    for summary in hparams({"seed": cfg.seeds, "exp_name": cfg.exp_name, "stage": stage}, metrics):
+        writer.file_writer.add_summary(summary)
+    for key, value in metrics.items():
+        writer.add_scalar(key, value)
 
 
 def make_train_state(p: Prepared, augment: BatchAugment, log: Optional[RunLog] = None) -> TrainState:
@@ -355,6 +554,7 @@ def fit(p: Prepared, rundir: RunDir, writer, log: RunLog, train: SplitTensors, v
         log.info(f"epoch {epoch}/{total} lr {lr:.5f} loss {record['train_loss']:.4f} ({terms}) "
                  f"train acc {record['train_acc']:.4f} val acc-avg-cls {val_acc:.4f}"
                  f"{' *best*' if improved else ''} [{record['seconds']:.1f}s]")
+        writer.flush()  # the events of every epoch the checkpoint covers are on disk before it is
         ckpt.save(epoch, best_acc, best_epoch, records, track)
     log.info(f"best epoch {best_epoch} with validation class-averaged accuracy {best_acc:.4f}")
     track_out = {

@@ -1,17 +1,17 @@
 """Tables over runs: ``python -m utils.report <dir> [<dir> ...]``.
 
-Collects every run (a folder with ``acc.json`` and ``args.json``) under the
-given directories, groups the runs by dataset, model, stage and experiment
-name, and prints one row per group: All / Many / Medium / Few accuracy (in
-percent) and FDR (train, test) as mean ± sample standard deviation over the
-seeds, with the number of seeds.  Markdown goes to the terminal, the same
-numbers (mean and std in separate columns) to a CSV file.
+Collects every finished run (a folder with ``acc.json`` and ``args.json``, and a
+checkpoint marked finished) under the given directories, groups the runs by
+dataset, model, stage and experiment name, and prints one row per group: All /
+Many / Medium / Few accuracy (in percent) and FDR (train, test) as mean ± sample
+standard deviation over the seeds recorded in the runs, with the number of
+seeds.  Markdown goes to the terminal; the same numbers (mean and std in
+separate columns) go to a CSV file when asked (``--csv``).
 """
 from __future__ import annotations
 
 import argparse
 import fnmatch
-import json
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -31,15 +31,37 @@ class ReportError(UserError):
 
 
 def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ReportError(f"{path} is unreadable: {exc}") from None
+    from utils.config import read_json_file
+    return read_json_file(path, f"{path} is unreadable", ReportError)
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _hidden(run: Path, root: Path) -> bool:
+    """Below a folder whose name starts with '.' (e.g. the copy --overwrite moves aside until the
+    new run has started)."""
+    return any(part.startswith(".") for part in run.relative_to(root).parts)
+
+
+def _unfinished(run: Path) -> str:
+    """Why a run with acc.json is not finished ('' if it is): its checkpoint says so (a run killed
+    during its final evaluation has written acc.json already)."""
+    if not (run / "checkpoint.ckpt").is_file():
+        return ""  # a run of the published implementation: acc.json is its end
+    from utils.checkpoint import run_state
+    state = run_state(run)
+    return "" if state.finished else state.describe_unfinished()
 
 
 def collect_runs(dirs: Sequence[str | Path]) -> pd.DataFrame:
-    """One row per run: the group keys, seed, path and metrics (accuracy in percent)."""
-    rows = []
+    """One row per run: the group keys, seed, path and metrics (accuracy in percent).
+
+    A run counts once per seed of its group (the seed its args.json records): a copy of a run
+    folder is not another seed.  Unfinished runs and hidden folders are skipped, with a warning
+    for the former."""
+    rows, seen = [], {}
     for d in dirs:
         d = Path(d)
         if not d.is_dir():
@@ -47,7 +69,11 @@ def collect_runs(dirs: Sequence[str | Path]) -> pd.DataFrame:
         for acc_file in sorted(d.rglob("acc.json")):
             run = acc_file.parent
             args_file = run / "args.json"
-            if not args_file.is_file():
+            if not args_file.is_file() or _hidden(run, d):
+                continue
+            why = _unfinished(run)
+            if why:
+                _warn(f"skipping {run}: it has not finished ({why}); --resume it to finish")
                 continue
             args = _read_json(args_file)
             acc = _read_json(acc_file)
@@ -57,13 +83,20 @@ def collect_runs(dirs: Sequence[str | Path]) -> pd.DataFrame:
                        "stage": args.get("project_name", ""), "exp_name": args.get("exp_name", run.parent.name),
                        "seed": args.get("seeds", run.name), "run": str(run)}
                 row.update({g: 100.0 * float(acc[g]) for g in ACC})
-            except (KeyError, TypeError, ValueError) as exc:
-                raise ReportError(f"{run}: acc.json/args.json lack a field ({exc})") from None
-            # param_search runs evaluate the validation set; their fdr.json says "val"
-            row["FDR_train"] = float(fdr.get("train", float("nan")))
-            row["FDR_test"] = float(fdr.get("test", fdr.get("val", float("nan"))))
+                # param_search runs evaluate the validation set; their fdr.json says "val"
+                row["FDR_train"] = float(fdr.get("train", float("nan")))
+                row["FDR_test"] = float(fdr.get("test", fdr.get("val", float("nan"))))
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise ReportError(f"{run}: acc.json/args.json/fdr.json lack a field or hold another type "
+                                  f"({type(exc).__name__}: {exc})") from None
             if args.get("param_search"):
                 row["exp_name"] = f"{row['exp_name']} (val, id {args.get('param_search_id', 0)})"
+            identity = tuple(str(row[k]) for k in KEYS) + (str(row["seed"]),)
+            if identity in seen:
+                _warn(f"{run} records seed {row['seed']} of {'/'.join(identity[:-1])}, like {seen[identity]}: "
+                      "a copy of one run counts once")
+                continue
+            seen[identity] = run
             rows.append(row)
     return pd.DataFrame(rows, columns=KEYS + ["seed", "run"] + METRICS)
 
@@ -133,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "stage and experiment name. Accuracy in percent (class-averaged All, Many, Medium, Few); "
                     "FDR of the train and test features. Std is the sample standard deviation (n-1).")
     parser.add_argument("dirs", nargs="+", help="run directories or folders above them (e.g. exp)")
-    parser.add_argument("--csv", default="report.csv", help="CSV output file (default: report.csv; '' = none)")
+    parser.add_argument("--csv", nargs="?", const="", default=None, metavar="FILE",
+                        help="also write the table as CSV: to FILE, or with --csv alone to report.csv in the first "
+                             "directory given (beside the runs); default: no CSV")
     parser.add_argument("--sort", default="", metavar="COLUMN",
                         help="sort by a column: All, Many, Medium, Few, FDR_train, FDR_test (best first), "
                              "n_seeds, dataset, model, stage, exp_name (default: by the group keys)")
@@ -164,9 +199,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.runs:
         print()
         print(runs.to_string(index=False))
-    if args.csv:
-        table.to_csv(args.csv, index=False, float_format="%.6g")
-        print(f"\n{len(table)} groups from {len(runs)} runs; CSV written to {args.csv}")
+    if args.csv is not None:
+        target = Path(args.csv) if args.csv else Path(args.dirs[0]) / "report.csv"
+        try:
+            table.to_csv(target, index=False, float_format="%.6g")
+        except OSError as exc:
+            print(f"error: cannot write {target}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        print(f"\n{len(table)} groups from {len(runs)} runs; CSV written to {target}")
     return 0
 
 

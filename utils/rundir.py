@@ -48,13 +48,35 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, lambda fh: fh.write(data))
 
 
+def _open_temporary(fd: int, path: Path):
+    """The file object a write goes through (a seam for tests that simulate a full disk)."""
+    return os.fdopen(fd, "wb")
+
+
+def _os_error_in(exc: BaseException):
+    """The OSError behind an exception: torch.save reports a failed write of its file object
+    as a RuntimeError of its own, with the OSError as its context."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
 def atomic_write(path: Path, write) -> None:
-    """``write(binary file)`` into a temporary file, fsync, then rename it over ``path``."""
+    """``write(binary file)`` into a temporary file, fsync, then rename it over ``path``.
+
+    This is the one write path of a run's files (torch.save included).  A full disk, an I/O
+    error or a killed process leaves the previous version of ``path`` intact and no temporary
+    file; a failed write is one line, RunDirError.
+    """
     path = Path(path)
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as fh:
+        with _open_temporary(fd, path) as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
@@ -64,10 +86,11 @@ def atomic_write(path: Path, write) -> None:
         if tmp is not None:
             try:
                 os.unlink(tmp)
-            except FileNotFoundError:
+            except OSError:
                 pass
-        if isinstance(exc, OSError):
-            raise RunDirError(f"cannot write {path}: {exc.strerror or exc} (its previous version, if any, "
+        cause = _os_error_in(exc) if isinstance(exc, Exception) else None
+        if cause is not None:
+            raise RunDirError(f"cannot write {path}: {cause.strerror or cause} (its previous version, if any, "
                               "is kept; free space or fix permissions, then rerun with --resume)") from None
         raise
 
@@ -115,7 +138,10 @@ class RunDir:
         return self.file(name)
 
     def write_json(self, name: str, obj: Any) -> Path:
-        return self.write_text(name, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+        text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+        if not _encodable(text):  # a lone surrogate in free text: JSON's \\uXXXX escapes keep it exactly
+            text = json.dumps(obj, indent=2, ensure_ascii=True) + "\n"
+        return self.write_text(name, text)
 
     def save_torch(self, name: str, obj: Any) -> Path:
         # streamed into the temporary file: a 170 MB checkpoint is not first built in memory
@@ -139,10 +165,19 @@ class RunDir:
     def append_line(self, name: str, line: str) -> None:
         # Logs grow line by line; a crash loses at most the line being written.
         try:
-            with open(self.file(name), "a", encoding="utf-8") as fh:
+            # backslashreplace: a lone surrogate in free text is logged escaped instead of ending the run
+            with open(self.file(name), "a", encoding="utf-8", errors="backslashreplace") as fh:
                 fh.write(line.rstrip("\n") + "\n")
         except OSError as exc:
             raise RunDirError(f"cannot write {self.file(name)}: {exc.strerror or exc}") from None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _fmt(value: Any) -> Any:

@@ -6,8 +6,8 @@ the stage-1 directory is ever written.
 """
 from __future__ import annotations
 
-import json
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +16,7 @@ import torch
 
 from models.backbone_options import reinit_bn_weights
 from models.classifiers import etf_state_to_linear, linear_state_to_etf
-from utils.config import Config, ConfigError, from_dict
+from utils.config import Config, ConfigError, from_dict, read_json_file
 from utils.errors import Stage1Error  # noqa: F401  (re-exported)
 from utils.rundir import ARGS_FILE, BEST_PARAM_FILE, load_state_dict
 
@@ -29,25 +29,25 @@ class Stage1Run:
     config: Config
     state_dict: dict
     skipped_keys: list = field(default_factory=list)  # set by ignore_restrict_load
+    unfinished_note: str = ""  # --allow_unfinished_stage1: what was loaded, for the run log
 
 
-def read_stage1(cfg: Config) -> Stage1Run:
+def read_stage1(cfg: Config, allow_unfinished: bool = False) -> Stage1Run:
     run = Path(cfg.model.pretrained_path) / str(cfg.seeds)
     if not run.is_dir():
         raise Stage1Error(f"stage-1 run directory {run} not found (model.pretrained_path = "
                           f"{cfg.model.pretrained_path!r} plus the seed {cfg.seeds}); run first.py with that seed first")
     args_path = run / ARGS_FILE
-    if not args_path.is_file():
+    if not args_path.exists():
         raise Stage1Error(f"{args_path} is missing; it is written by first.py beside best.paramOnly")
-    try:
-        raw = json.loads(args_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise Stage1Error(f"{args_path} is unreadable: {exc}") from None
+    raw = read_json_file(args_path, f"{args_path} is unreadable", Stage1Error)
     if isinstance(raw, dict):
         raw = dict(raw)
         raw.pop("project_name", None)  # the original may store anything here
     try:
-        stage1_cfg = from_dict(raw, str(args_path))
+        with warnings.catch_warnings():  # notes about stage 1's own config are not this run's
+            warnings.simplefilter("ignore")
+            stage1_cfg = from_dict(raw, str(args_path))
     except ConfigError as exc:
         raise Stage1Error(f"{args_path}: {exc}") from None
     if stage1_cfg.model.name != cfg.model.name:
@@ -65,8 +65,42 @@ def read_stage1(cfg: Config) -> Stage1Run:
             raise Stage1Error(f"stage-1 run {run} used data.{key} = {theirs!r}, but this run has {ours!r}; "
                               "stage 2 must see the same training set (its class counts set the prior)")
     _check_same_architecture(stage1_cfg, cfg, run)
+    note = _check_finished(run, allow_unfinished)
     state = _load_checkpoint(run / BEST_PARAM_FILE)
-    return Stage1Run(path=run, config=stage1_cfg, state_dict=state)
+    _check_finite(state, run / BEST_PARAM_FILE)
+    return Stage1Run(path=run, config=stage1_cfg, state_dict=state, unfinished_note=note)
+
+
+def _check_finished(run: Path, allow_unfinished: bool) -> str:
+    """A stage-1 run still training (its lock is live) or not finished is refused unless asked;
+    with ``allow_unfinished`` returns what is loaded, for the run log."""
+    from utils.checkpoint import run_state
+    from utils.runlock import live_owner
+    owner = live_owner(run)
+    state = run_state(run)
+    if owner is None and state.finished:
+        return ""
+    if owner is not None:
+        why = f"is still running ({owner.describe()})"
+    else:
+        why = f"has not finished ({state.describe_unfinished()})"
+    if not allow_unfinished:
+        raise Stage1Error(f"stage-1 run {run} {why}; let it finish (or --resume it), or add "
+                          "--allow_unfinished_stage1 to use its best weights so far")
+    if state.epoch is None or state.best_epoch is None:
+        what = "its best weights so far"
+    elif state.best_epoch == 0:
+        what = f"its initial weights (no epoch improved on them; {state.describe_unfinished()})"
+    else:
+        what = f"the weights of its best epoch {state.best_epoch} ({state.describe_unfinished()})"
+    return f" (--allow_unfinished_stage1: the stage-1 run {why}; loaded {what})"
+
+
+def _check_finite(state: dict, path: Path) -> None:
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise Stage1Error(f"{path} holds non-finite weights ({key} has NaN or inf): the stage-1 run diverged; "
+                              "retrain stage 1 (e.g. with a lower optim.base_lr)")
 
 
 # Options that change what the stage-1 weights compute: stage 2 must build the same

@@ -29,10 +29,21 @@ SWEEP_JSON = "tau_sweep.json"
 METRICS = ("All",) + GROUPS
 
 
+MAX_TAUS = 10_000   # each value re-classifies the validation and test features once
+MAX_TAU = 100.0     # the range of model.logit_adjustment_tau
+_SPEC_CHARS = 100_000
+
+
 def parse_taus(text: str) -> list[float]:
-    """'start:stop:num' -> num evenly spaced values from start to stop (both
-    included, as numpy.linspace); 'a,b,c' -> those values; '' -> []."""
+    """'start:stop:num' -> num evenly spaced values from start to stop (both included, as
+    numpy.linspace); 'a,b,c' -> those values; '' -> [].  The values come back sorted without
+    repeats (ties between taus then go to the smaller one, as the README says).  At most
+    MAX_TAUS values, each finite and in [0, MAX_TAU]; anything else is a one-line ConfigError."""
     key = "model.logit_adjustment_tau_sweep"
+    usage = "use 'start:stop:num' (e.g. '0:2:21') or comma-separated values (e.g. '0.25,0.5,1')"
+    if len(text) > _SPEC_CHARS:
+        raise ConfigError(f"{key} is {len(text)} characters long; {usage}, at most {MAX_TAUS} values")
+    shown = text if len(text) <= 60 else text[:40] + "..." + text[-10:]
     text = text.strip()
     if not text:
         return []
@@ -42,26 +53,31 @@ def parse_taus(text: str) -> list[float]:
             if len(parts) != 3:
                 raise ValueError("expected start:stop:num")
             start, stop, num = float(parts[0]), float(parts[1]), int(parts[2])
-            if num < 1:
-                raise ValueError("num must be >= 1")
+            if not 1 <= num <= MAX_TAUS:
+                raise ValueError(f"num must be >= 1 and <= {MAX_TAUS}, got {num}")
             taus = [start] if num == 1 else [start + (stop - start) * i / (num - 1) for i in range(num)]
         else:
-            taus = [float(t) for t in text.split(",") if t.strip()]
+            items = text.split(",")
+            if len(items) > MAX_TAUS:
+                raise ValueError(f"{len(items)} values, at most {MAX_TAUS}")
+            if any(not t.strip() for t in items):
+                raise ValueError("an empty value between commas")
+            taus = [float(t) for t in items]
     except ValueError as exc:
-        raise ConfigError(f"{key} = {text!r} is not a tau list: {exc}; use 'start:stop:num' (e.g. '0:2:21') "
-                          "or comma-separated values (e.g. '0.25,0.5,1')") from None
-    bad = [t for t in taus if not math.isfinite(t) or t < 0]
+        raise ConfigError(f"{key} = {shown!r} is not a tau list: {exc}; {usage}") from None
+    bad = [t for t in taus if not math.isfinite(t) or not 0 <= t <= MAX_TAU]
     if bad:
-        raise ConfigError(f"{key} = {text!r}: tau must be a finite number >= 0, got {bad[0]}")
-    return [round(t, 10) for t in taus]
+        raise ConfigError(f"{key} = {shown!r}: tau must be a finite number >= 0 and <= {MAX_TAU:g}, got {bad[0]}")
+    return sorted({round(t, 10) for t in taus})
 
 
 def check_sweep(cfg) -> None:
     """Config rules (called from config.validate)."""
     taus = parse_taus(cfg.model.logit_adjustment_tau_sweep)
-    if taus and cfg.model.logit_adjustment_for_training and cfg.model.use_additive_logit_adjustment:
+    if taus and cfg.model.logit_adjustment_for_training:
         raise ConfigError("model.logit_adjustment_tau_sweep is set, but model.logit_adjustment_for_training = true: "
-                          "additive logit-adjusted training does not adjust at evaluation, so there is nothing to sweep")
+                          "the sweep chooses the tau applied at evaluation, and a logit-adjusted training fixes "
+                          "its own (additive: none at evaluation; multiplicative: the trained one); set one of them")
 
 
 @contextlib.contextmanager
