@@ -288,7 +288,10 @@ def _finished_run(c, base_lr):
     return run
 
 
-_FULL = {"model": {}, "optimizer": {}, "best_acc": 0.5, "records": [], "track": {}, "rng": {}}  # a full checkpoint's keys
+_CPU_STATE = torch.Generator().get_state()
+# a full checkpoint's keys (CPU generator states: a resume checks them before the best weights)
+_FULL = {"model": {}, "optimizer": {}, "best_acc": 0.5, "records": [], "track": {},
+         "rng": {"torch": _CPU_STATE, "generators": {"shuffle": _CPU_STATE, "augment": _CPU_STATE}}}
 
 
 def _killed_in_final_evaluation(c):

@@ -58,7 +58,7 @@ def test_every_seed_compiles_afresh(monkeypatch, tmp_path, mode, resets):
     calls = []
     monkeypatch.setattr(torch.compiler, "reset", lambda: calls.append("reset"))
 
-    def prepare(cfg, stage):
+    def prepare(cfg, stage, *options):
         calls.append("prepare")
         raise _Prepared
 
