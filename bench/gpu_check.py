@@ -82,7 +82,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.staged_run import no_figures, stop_at  # noqa: E402
+from bench.staged_run import stop_at  # noqa: E402
 
 FIRST_JSON = ROOT / "jsons/Cifar100/first.json"           # stage 1: WD + FR + ETF
 RETRAIN_JSON = ROOT / "jsons/Cifar100/wb_second.json"     # stage 2: CB + WD + MaxNorm
@@ -272,13 +272,10 @@ class Context:
         """first.py / second.py in this process (no start-up cost); its output goes to the log."""
         from utils.cli import main
         self.log(f"$ {stage}.py {' '.join(argv)}")
-        with contextlib.ExitStack() as stack:
-            if not figures:
-                stack.enter_context(no_figures())
-            try:
-                return main(stage, argv)
-            except SystemExit as exc:  # argparse
-                return int(exc.code or 0)
+        try:
+            return main(stage, argv + ([] if figures else ["--no_figures"]))
+        except SystemExit as exc:  # argparse
+            return int(exc.code or 0)
 
     def start(self, cmd: list[str], name: str, env: Optional[dict] = None) -> subprocess.Popen:
         """A child process in its own session (so a timeout ends it and its children), output to a log."""

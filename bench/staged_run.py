@@ -6,12 +6,12 @@ training step, and skip the figures.
 ``--kill-at 2:80`` sends the process SIGKILL at the 80th training step of epoch 2
 (counted by calls of the objective, which every step makes once): a crash at an
 exact point mid-epoch, where a kill from outside would race a fast GPU epoch.
-``--no-figures`` skips ``plot_run`` (matplotlib, ~5 s a run; figures are not a CUDA
-path and tests/test_plots.py covers them).  Everything else is ``utils.cli.main``,
-what first.py and second.py run; under torchrun this file is the per-process script.
+``--no-figures`` passes the command lines' own ``--no_figures`` (matplotlib, ~5 s a run;
+figures are not a CUDA path and tests/test_plots.py covers them).  Everything else is
+``utils.cli.main``, what first.py and second.py run; under torchrun this file is the
+per-process script.
 
-The same hooks are context managers for in-process runs (:func:`stop_at`,
-:func:`no_figures`).
+The step hook is also a context manager for in-process runs (:func:`stop_at`).
 """
 from __future__ import annotations
 
@@ -83,21 +83,6 @@ def stop_at(epoch: int, step: int, action: Callable[[], None]):
         undo()
 
 
-@contextlib.contextmanager
-def no_figures():
-    import utils.pipeline  # noqa: F401
-    from utils.plots import plot_run
-
-    def plot_nothing(*args, **kwargs) -> list:
-        return []
-
-    undo = _replace_everywhere(plot_run, plot_nothing)
-    try:
-        yield
-    finally:
-        undo()
-
-
 def kill_self() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
@@ -121,9 +106,7 @@ def main(argv: list[str]) -> int:
     with contextlib.ExitStack() as hooks:
         if kill_at is not None:
             hooks.enter_context(stop_at(*kill_at, kill_self))
-        if not figures:
-            hooks.enter_context(no_figures())
-        return stage_main(argv[0], argv[1:])
+        return stage_main(argv[0], argv[1:] + ([] if figures else ["--no_figures"]))
 
 
 if __name__ == "__main__":

@@ -546,7 +546,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case_id, stage, setu
                                                             tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     import utils.pipeline as pipeline
-    monkeypatch.setattr(pipeline, "plot_run", lambda *a, **k: [])  # no row gets there; if one did, fast
+    monkeypatch.setattr("utils.cli.draw_figures", lambda run_dir: None)  # no row gets there; if one did, fast
     argv = setup(Ctx(tmp_path, stage1_state, monkeypatch))
     before = _snapshot(tmp_path)
     capsys.readouterr()

@@ -34,21 +34,16 @@ def _config(**top):
 
 @pytest.fixture
 def no_figures(monkeypatch):
-    import utils.pipeline as pipeline
-    monkeypatch.setattr(pipeline, "plot_run", lambda *a, **k: [])
+    import utils.cli as cli
+    monkeypatch.setattr(cli, "draw_figures", lambda run_dir: None)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """An uninterrupted run: the outputs every interrupted-and-resumed run must equal."""
-    import utils.pipeline as pipeline
     cwd = tmp_path_factory.mktemp("reference")
     (cwd / "cfg.json").write_text(json.dumps(_config()))
-    real, pipeline.plot_run = pipeline.plot_run, lambda *a, **k: []
-    try:
-        assert main("first", ["--json_path", str(cwd / "cfg.json"), "--exp_root", str(cwd / "exp")]) == 0
-    finally:
-        pipeline.plot_run = real
+    assert main("first", ["--json_path", str(cwd / "cfg.json"), "--exp_root", str(cwd / "exp"), "--no_figures"]) == 0
     return cwd / "exp" / RUN
 
 
@@ -159,9 +154,9 @@ def held_fit(*args, **kwargs):
     while not go.exists():
         time.sleep(0.02)
     return real(*args, **kwargs)
-pipeline.fit, pipeline.plot_run = held_fit, (lambda *a, **k: [])
+pipeline.fit = held_fit
 from utils.cli import main
-sys.exit(main("first", sys.argv[2:]))
+sys.exit(main("first", sys.argv[2:] + ["--no_figures"]))
 """
 
 

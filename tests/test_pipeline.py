@@ -123,14 +123,9 @@ SMALL_EXP = Path("exp/Digits/BNMLP")
 
 @pytest.fixture(scope="module")
 def stage1_template(tmp_path_factory):
-    import utils.pipeline as pipeline
     cwd = tmp_path_factory.mktemp("stage1")
     (cwd / "s1.json").write_text(json.dumps(digits_config("s1", model=dict(SMALL))))
-    real, pipeline.plot_run = pipeline.plot_run, lambda *a, **k: []
-    try:
-        assert main("first", ["--json_path", str(cwd / "s1.json"), "--exp_root", str(cwd / "exp")]) == 0
-    finally:
-        pipeline.plot_run = real
+    assert main("first", ["--json_path", str(cwd / "s1.json"), "--exp_root", str(cwd / "exp"), "--no_figures"]) == 0
     return cwd / "exp/Digits/BNMLP/first/s1/0"
 
 

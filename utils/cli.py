@@ -71,6 +71,9 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
                         help="replace an existing run directory and start again (the old one is moved aside and "
                              "deleted once the new run has started; without --resume or --overwrite an existing "
                              "run is never touched)")
+    parser.add_argument("--no_figures", action="store_true",
+                        help="do not draw the figures (imgs/*.png and TensorBoard images) after the run; "
+                             "python -m utils.plots redraw RUN_DIR draws them later")
     if stage == "second":
         parser.add_argument("--retrain", nargs="?", const=True, default=False, type=_bool_flag, metavar="BOOL",
                             help="retrain the classifier (needs optim.total_epoch_num > 0); "
@@ -265,15 +268,20 @@ def _main(stage: str, argv: Optional[Sequence[str]] = None) -> int:
         from utils.checkpoint import plan_run
         resume = args.resume or base.load_checkpoint
 
+        plans = []
+
         def check_every_seed() -> None:  # every seed's directory is checked before any work starts
             for cfg in configs:  # (its lock by rank 0 only: rank 0 holds it for the launch)
-                plan_run(cfg, stage, args.exp_root, resume, args.overwrite, check_only=True, locked=not dist.is_main)
+                plans.append(plan_run(cfg, stage, args.exp_root, resume, args.overwrite, check_only=True,
+                                      locked=not dist.is_main))
         _on_every_rank(check_every_seed)
         from utils.pipeline import run
         allow_unfinished = getattr(args, "allow_unfinished_stage1", False)
-        for cfg in configs:
-            run(cfg, stage, exp_root=args.exp_root, resume=resume, overwrite=args.overwrite,
-                allow_unfinished_stage1=allow_unfinished)
+        for cfg, plan in zip(configs, plans):
+            path = run(cfg, stage, exp_root=args.exp_root, resume=resume, overwrite=args.overwrite,
+                       allow_unfinished_stage1=allow_unfinished)
+            if plan.action != "done" and dist.is_main and not args.no_figures:
+                draw_figures(path)
     except UserError as exc:
         _report(f"error: {exc}", same_on_every_rank=isinstance(exc, ConfigError))
         return EXIT_BAD_INPUT
@@ -298,6 +306,20 @@ def _main(stage: str, argv: Optional[Sequence[str]] = None) -> int:
                 "then rerun (add --resume to continue a run)", same_on_every_rank=False)
         return EXIT_BAD_INPUT
     return EXIT_OK
+
+
+def draw_figures(run_dir) -> None:
+    """The figures of a finished run, drawn after it (training code never imports plotting).
+    The run stands without them: a failure here is a warning, and ``python -m utils.plots
+    redraw`` draws them again."""
+    from utils import plots
+    try:
+        plots.draw_figures(run_dir)
+    except Exception as exc:  # noqa: BLE001 - the run is finished and kept; say so and go on
+        text = " ".join(str(exc).split())[:200] or type(exc).__name__
+        print(f"warning: the figures of {run_dir} could not be drawn ({type(exc).__name__}: {text}); "
+              f"the run is finished; draw them with: python -m utils.plots redraw {run_dir}", file=sys.stderr,
+              flush=True)
 
 
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG, errno.ENOENT,

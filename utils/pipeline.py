@@ -36,7 +36,6 @@ from utils.data import LTData, load_dataset
 from utils.evaluation import final_evaluation, log_fdr
 from utils.objective import (decayed_parameters, describe_parameters, init_classifier_bias,
                              make_objective, make_optimizer, norm_param, trained_parameters)
-from utils.plots import plot_run
 from utils.records import class_mean
 from utils.regularizers import MaxNorm, normalise_classifier
 from utils.rundir import (ARGS_FILE, BEST_LOG_FILE, BEST_PARAM_FILE, METRICS_FILE, TRACK_RECORDS_FILE,
@@ -392,8 +391,6 @@ def _train_and_evaluate(p: Prepared, plan, rundir: RunDir, log: RunLog, ckpt: Ru
         if track is not None:
             rundir.save_torch(TRACK_RECORDS_FILE, track)
         if rundir.writes:
-            plot_run(rundir.path, p.data.train_images, p.data.train_labels,
-                     p.stage1.path if p.stage1 is not None else None, final_writer)
             _write_hparams(final_writer, cfg, stage, final)
         if chosen_tau is not None:  # where a reader looks first: the run's own config
             recorded["model"] = {**recorded["model"], "logit_adjustment_tau": chosen_tau}

@@ -449,19 +449,67 @@ def plot_run(run: Path, train_images: Optional[torch.Tensor] = None, train_label
 # Command line: redraw a run's figures, or compare runs
 # ---------------------------------------------------------------------------
 
-def _load_train_images(run: Path):
+FIGURE_EVENTS_SUFFIX = ".figures"  # the TensorBoard images of a run, in their own events file
+
+
+def _run_config(run: Path):
+    """The run's validated config (args.json), or None when it cannot be read."""
+    from utils.config import ConfigError, read_json_file, from_dict
+    try:
+        return from_dict(read_json_file(run / "args.json", "args.json"), str(run / "args.json"))
+    except (OSError, ValueError, ConfigError):
+        return None
+
+
+def _load_train_images(cfg):
     """The run's training images for the montage, or (None, None) if the data is not at hand."""
-    import json
-    from utils.config import from_dict
     from utils.data import load_dataset
     from utils.errors import UserError
+    if cfg is None:
+        return None, None
     try:
-        cfg = from_dict(json.loads((run / "args.json").read_text(encoding="utf-8")), str(run / "args.json"))
         data = load_dataset(cfg.data.name, cfg.data.root, cfg.data.imb_type, cfg.data.imb_factor,
                             cfg.data.n_classes, download=False)
     except (OSError, ValueError, UserError):
         return None, None
     return data.train_images, data.train_labels
+
+
+def _stage1_run(cfg) -> Optional[Path]:
+    """The stage-1 run a stage-2 run started from (its figures are drawn beside it)."""
+    if cfg is None or cfg.project_name != "second" or not cfg.model.is_pretrained:
+        return None
+    return Path(cfg.model.pretrained_path) / str(cfg.seeds)
+
+
+def draw_figures(run: Path, tensorboard: bool = True) -> list[Path]:
+    """Every figure of a finished run, from its files: the PNGs in <run>/imgs/ and, with
+    ``tensorboard``, the main ones as TensorBoard images.
+
+    The command lines call this after a run has finished (training code never imports
+    plotting), and ``python -m utils.plots redraw`` calls it again: the TensorBoard images
+    live in their own events file, which a redraw replaces whole."""
+    import json
+    run = Path(run)
+    cfg = _run_config(run)
+    images, labels = _load_train_images(cfg)
+    writer = None
+    if tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        for old in run.glob(f"events.out.tfevents.*{FIGURE_EVENTS_SUFFIX}"):
+            old.unlink()
+        writer = SummaryWriter(log_dir=str(run), filename_suffix=FIGURE_EVENTS_SUFFIX)
+    try:
+        paths = plot_run(run, images, labels, _stage1_run(cfg), writer)
+        sweep_csv, sweep_json = run / "tau_sweep.csv", run / "tau_sweep.json"
+        if sweep_csv.is_file() and sweep_json.is_file():
+            rows = pd.read_csv(sweep_csv).to_dict("records")
+            best = json.loads(sweep_json.read_text(encoding="utf-8"))["best_tau"]
+            paths.append(plot_tau_sweep(rows, best, run / IMG_DIR / "tau_sweep.png"))
+    finally:
+        if writer is not None:
+            writer.close()
+    return paths
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -487,8 +535,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if not (run / PER_CLASS_FILE).is_file():
                 print(f"error: {run / PER_CLASS_FILE} not found; give a finished run directory", file=sys.stderr)
                 return 2
-            images, labels = _load_train_images(run)
-            for path in plot_run(run, images, labels):
+            for path in draw_figures(run):
                 print(path)
         return 0
     labels = args.labels or [str(r) for r in args.runs]

@@ -136,7 +136,4 @@ def run_sweep(p: Prepared, rundir, log: RunLog, val, test, augment) -> dict:
              f"{best['tau']:g} with validation All {best['val_All']:.4f}"
              + (f"; test All {best['test_All']:.4f}" if "test" in splits else "")
              + f" (curve in {SWEEP_CSV}; {time.perf_counter() - started:.1f} s)")
-    if rundir.writes:  # rank 0 only under torchrun
-        from utils.plots import plot_tau_sweep
-        plot_tau_sweep(rows, best["tau"], rundir.path / "imgs" / "tau_sweep.png")
     return best
