@@ -208,17 +208,27 @@ def _padded(t: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([t, pad]).contiguous()
 
 
+def _outside_inference(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a normal tensor.  Evaluation runs under ``torch.inference_mode``, and a
+    backend may write a collective's outputs from its own thread, outside that mode (gloo
+    in torch 2.4: "Inplace update to inference tensor outside InferenceMode"); the
+    collectives here therefore allocate and pass normal tensors (call under
+    ``torch.inference_mode(False)``)."""
+    return t.clone() if t.is_inference() else t
+
+
 def _all_gather_stacked(t: torch.Tensor) -> torch.Tensor:
     """Every rank's ``t`` (at least 1-D, the same shape on every rank) stacked: W x t.shape, in rank order."""
-    t = t.contiguous()
     world = _CONTEXT.world_size
-    if _CONTEXT.backend == "nccl":  # one buffer, NCCL's native all-gather
-        out = t.new_empty((world * t.shape[0],) + tuple(t.shape[1:]))
-        dist.all_gather_into_tensor(out, t)
-        return out.view((world,) + tuple(t.shape))
-    parts = [torch.empty_like(t) for _ in range(world)]
-    dist.all_gather(parts, t)
-    return torch.stack(parts)
+    with torch.inference_mode(False):
+        t = _outside_inference(t).contiguous()
+        if _CONTEXT.backend == "nccl":  # one buffer, NCCL's native all-gather
+            out = t.new_empty((world * t.shape[0],) + tuple(t.shape[1:]))
+            dist.all_gather_into_tensor(out, t)
+            return out.view((world,) + tuple(t.shape))
+        parts = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(parts, t)
+        return torch.stack(parts)
 
 
 def gather_rows(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -241,9 +251,11 @@ def _all_gather_autograd(t: torch.Tensor) -> torch.Tensor:
     t = t.contiguous()
     try:
         from torch.distributed._functional_collectives import all_gather_single_autograd
-    except ImportError:  # pragma: no cover - older torch: the (now deprecated) public one
+    except ImportError:  # pragma: no cover - older torch (2.4): the (now deprecated) public one
         import torch.distributed.nn.functional as dist_nn
-        return torch.cat(dist_nn.all_gather(t))
+        # the group passed explicitly: the function's default is the WORLD group of the time it
+        # was imported, which a later init_process_group replaces
+        return torch.cat(dist_nn.all_gather(t, group=dist.group.WORLD))
     return all_gather_single_autograd(t, 0, dist.group.WORLD)
 
 
@@ -260,9 +272,12 @@ def gather_rows_autograd(t: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """The sum over ranks (in place; returned for chaining)."""
+    """The sum over ranks: in place, or in a normal copy of an inference tensor (see
+    :func:`_outside_inference`); use the returned tensor."""
     if _CONTEXT.enabled:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        with torch.inference_mode(False):
+            t = _outside_inference(t)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
@@ -516,7 +531,7 @@ class _FusedGlobalBatchNorm(torch.autograd.Function):
             sum_dy = sum_dy_xmu = torch.zeros(channels, dtype=mean.dtype, device=x.device)
         if needs_x:  # the same on every rank (the same model), so every rank joins the all-reduce
             sums = torch.cat([sum_dy, sum_dy_xmu])
-            all_reduce_sum(sums)
+            sums = all_reduce_sum(sums)
             sum_dy, sum_dy_xmu = sums[:channels], sums[channels:]
             if x.numel() > 0:
                 grad_x = k.backward_elemt(grad_out, x, mean, invstd, weight, sum_dy, sum_dy_xmu, counts)
