@@ -11,6 +11,8 @@ Pixels are stored as ``round(v * 255 / 16)`` in uint8, shape ``N x 1 x 8 x 8``.
 """
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import math
 from pathlib import Path
 
@@ -88,22 +90,38 @@ def digits_pool_and_test() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
     ``N x 1 x 8 x 8`` with values ``round(v * 255 / 16)``.
     """
     try:
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
+        v, y = _bundled_digits()
     except Exception as e:
         raise DataError(
             f"could not load scikit-learn's bundled digits ({type(e).__name__}: {one_line(e)}); "
             f"install scikit-learn (pip install scikit-learn)"
         ) from None
-    v = np.asarray(d.data, dtype=np.float64)
-    y = np.asarray(d.target, dtype=np.int64)
     # 255*v/16 is a .5 tie only for v = 8 (127.5 -> 128); floor(x + 0.5) rounds half up.
     x = np.floor(v * 255.0 / 16.0 + 0.5).astype(np.uint8).reshape(-1, 1, 8, 8)
     in_pool = np.zeros(len(y), dtype=bool)
     for c in range(10):
         in_pool[np.flatnonzero(y == c)[:DIGITS_POOL_PER_CLASS]] = True
     return x[in_pool], y[in_pool], x[~in_pool], y[~in_pool]
+
+
+def _bundled_digits() -> tuple[np.ndarray, np.ndarray]:
+    """(1797 x 64 float64 pixel values 0..16, int64 labels) of scikit-learn's bundled digits.
+
+    Read from the file ``sklearn.datasets.load_digits`` reads (digits.csv.gz: 64 pixels and
+    the label per row), found without importing scikit-learn, whose import loads pandas and
+    takes seconds; ``load_digits`` itself where the file is not at that place."""
+    spec = importlib.util.find_spec("sklearn")
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        path = Path(folder) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            with gzip.open(path, mode="rt", encoding="utf-8") as fh:
+                table = np.loadtxt(fh, delimiter=",")
+            return table[:, :-1], table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return np.asarray(d.data, dtype=np.float64), np.asarray(d.target, dtype=np.int64)
 
 
 def load_digits_lt(imb_type: str, imb_factor: float) -> LTData:

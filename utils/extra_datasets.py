@@ -76,10 +76,10 @@ def _read_index_file(path: Path, n_classes: int, n_rows: int) -> dict[int, np.nd
     return out
 
 
-def load_helena(root: Path, n_classes: int, helena_counts: str) -> LTData:
+def _read_helena_table(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(class labels as in the file, N x 27 float64 features) of helena.arff."""
     from scipy.io import arff
 
-    path = need_file(root / HELENA_FILE, "helena.arff (the Helena dataset of the AutoML benchmark, OpenML 41169)")
     try:
         table, meta = arff.loadarff(str(path))
         columns = meta.names()
@@ -92,6 +92,29 @@ def load_helena(root: Path, n_classes: int, helena_counts: str) -> LTData:
     if features.shape[1] != HELENA_FEATURES:
         raise DataError(f"{path} has {features.shape[1]} feature columns after the class column, "
                         f"expected {HELENA_FEATURES}")
+    return old_labels, features
+
+
+def _helena_rows(root: Path, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, validation, test) rows: the two index files' rows, and every other row trains,
+    per class in row order, classes in label order."""
+    n = len(labels)
+    valid = _read_index_file(root / HELENA_VALID_FILE, k, n)
+    test = _read_index_file(root / HELENA_TEST_FILE, k, n)
+    val_rows = np.concatenate([valid[c] for c in range(k)])
+    test_rows = np.concatenate([test[c] for c in range(k)])
+    if np.intersect1d(val_rows, test_rows).size:
+        raise DataError(f"{root / HELENA_VALID_FILE} and {root / HELENA_TEST_FILE} share rows; they must be disjoint")
+    held_out = np.zeros(n, dtype=bool)
+    held_out[val_rows] = True
+    held_out[test_rows] = True
+    train_rows = np.concatenate([np.flatnonzero((labels == c) & ~held_out) for c in range(k)])
+    return train_rows, val_rows, test_rows
+
+
+def load_helena(root: Path, n_classes: int, helena_counts: str) -> LTData:
+    path = need_file(root / HELENA_FILE, "helena.arff (the Helena dataset of the AutoML benchmark, OpenML 41169)")
+    old_labels, features = _read_helena_table(path)
     k = int(old_labels.max()) + 1
     counts_all = np.bincount(old_labels, minlength=k)
     if old_labels.min() < 0 or (counts_all == 0).any():
@@ -104,20 +127,7 @@ def load_helena(root: Path, n_classes: int, helena_counts: str) -> LTData:
     new_of_old = np.empty_like(by_size)
     new_of_old[by_size] = np.arange(k)
     labels = new_of_old[old_labels]
-    n = len(labels)
-
-    valid = _read_index_file(root / HELENA_VALID_FILE, k, n)
-    test = _read_index_file(root / HELENA_TEST_FILE, k, n)
-    val_rows = np.concatenate([valid[c] for c in range(k)])
-    test_rows = np.concatenate([test[c] for c in range(k)])
-    if np.intersect1d(val_rows, test_rows).size:
-        raise DataError(f"{root / HELENA_VALID_FILE} and {root / HELENA_TEST_FILE} share rows; they must be disjoint")
-    held_out = np.zeros(n, dtype=bool)
-    held_out[val_rows] = True
-    held_out[test_rows] = True
-    # Every row not held out trains, per class in row order, classes in label order.
-    train_rows = np.concatenate([np.flatnonzero((labels == c) & ~held_out) for c in range(k)])
-
+    train_rows, val_rows, test_rows = _helena_rows(root, labels, k)
     # The original's Normalize1d: float32 features, float32 statistics.
     x = (torch.from_numpy(features.astype(np.float32))
          - torch.tensor(HELENA_MEAN, dtype=torch.float32)) / torch.tensor(HELENA_STD, dtype=torch.float32)

@@ -24,7 +24,7 @@ from typing import Optional
 from utils.checkpoint import check_generator_states, pending_best, read_checkpoint
 from utils.cifar import CIFAR_FOLDERS
 from utils.config_rules import recorded_form
-from utils.config_schema import Config
+from utils.config_schema import Config, DataConfig
 from utils.errors import CheckpointError, DataError, RunDirError, Stage1Error
 from utils.names import ACC_FILE, ARGS_FILE, BEST_PARAM_FILE, CHECKPOINT_FILE
 from utils.rundir import safe_join
@@ -137,12 +137,12 @@ def _check_separate_from_stage1(cfg, stage: str, path: Path) -> None:
                           "writes into a stage-1 run: change exp_name or model.pretrained_path")
 
 
-def check_data_root(cfg) -> None:
+def check_data_root(d: DataConfig) -> None:
     """data.root must be a folder; a dataset folder inside it must not lead outside it."""
-    root = Path(cfg.data.root)
+    root = Path(d.root)
     if root.exists() and not root.is_dir():
-        raise DataError(f"data.root = {cfg.data.root!r} is a file, not a folder; give the folder that holds the datasets")
-    folder = CIFAR_FOLDERS.get(cfg.data.name)
+        raise DataError(f"data.root = {d.root!r} is a file, not a folder; give the folder that holds the datasets")
+    folder = CIFAR_FOLDERS.get(d.name)
     if folder is not None and (root / folder).exists():
         safe_join(root, Path(folder), "dataset folder", DataError)
 
@@ -159,7 +159,7 @@ def plan_run(cfg, stage: str, exp_root, resume: bool, overwrite: bool, check_onl
         raise RunDirError("--resume and --overwrite exclude each other; give one")
     exp_root = Path(exp_root)
     path = run_directory(cfg, exp_root)
-    check_data_root(cfg)
+    check_data_root(cfg.data)
     _check_separate_from_stage1(cfg, stage, path)
     if not locked:
         owner = live_owner(path)
