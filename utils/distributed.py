@@ -46,7 +46,7 @@ from torch import nn
 
 from utils.errors import ConfigError, RunDirError
 
-__all__ = ["Dist", "context", "setup", "teardown", "launched_rank", "chunk_bounds", "chunk_sizes", "gather_rows",
+__all__ = ["Dist", "context", "setup", "teardown", "chunk_bounds", "chunk_sizes", "gather_rows",
            "gather_rows_autograd", "all_gather_stacked", "all_gather_autograd", "all_reduce_sum", "any_rank",
            "barrier", "broadcast_module", "agree", "FORCE_ENV"]
 
@@ -89,11 +89,6 @@ def context() -> Dist:
 def _env_int(name: str, default: int) -> int:
     text = os.environ.get(name, "").strip()
     return int(text) if text.isdigit() else default
-
-
-def launched_rank() -> int:
-    """RANK as torchrun set it (0 without torchrun), readable before the process group exists."""
-    return _env_int("RANK", 0)
 
 
 def launched_world_size() -> int:

@@ -263,10 +263,6 @@ class RunLock:
                 break
         self._created = []
 
-    def keep_folders(self) -> None:
-        """The run has started: its folders stay when the lock is released."""
-        self._created = []
-
     def __enter__(self) -> "RunLock":
         return self.acquire()
 
