@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from utils import ddp as global_bn  # noqa: E402
 from utils import distributed as ddp  # noqa: E402
 
 Row = tuple[str, bool, str]
@@ -90,7 +91,7 @@ def batchnorm_rows(device: torch.device) -> list[Row]:
         with torch.no_grad():
             module.weight.uniform_(0.5, 1.5)
             module.bias.uniform_(-0.5, 0.5)
-        ddp.convert_sync_batchnorm(module)
+        global_bn.convert_sync_batchnorm(module)
         x = (3 * torch.randn(shape, device=device) + 1).to(dtype)
         dy = torch.randn(shape, device=device).to(dtype)
         if channels_last:
@@ -153,7 +154,7 @@ def main(argv=None) -> int:
         if device.type != "cuda":
             sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
             from bn_kernels import KERNELS
-            ddp._FUSED_KERNELS = KERNELS  # the CUDA kernels' contracts in tensor operations
+            global_bn._FUSED_KERNELS = KERNELS  # the CUDA kernels' contracts in tensor operations
         rows = batchnorm_rows(device) + collective_rows(device)
     finally:
         ddp.teardown()

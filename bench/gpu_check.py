@@ -406,11 +406,11 @@ def step_losses(ctx: Context, flags: list[str], steps: int) -> tuple[torch.Tenso
     """(per-step losses, seconds) of the first ``steps`` steps of stage 1, built as a run builds
     it (prepare, make_train_state) from the seed-0 weights and generators: two calls with
     different speed settings train the same weights on the same augmented batches."""
-    from utils.checkpoint import apply_determinism
+    from utils.determinism import apply_determinism
     from utils.cli import build_parser
     from utils.config import overrides_from_flags, resolve
     from utils.batches import make_splits
-    from utils.pipeline import make_train_state, prepare
+    from utils.prepare import make_train_state, prepare
     from utils.train import cosine_lr, train_one_epoch
     argv = ctx.stage_argv(FIRST_JSON, ctx.work / "unused", *ctx.sizes.numerics_flags, *flags)
     cfg = resolve("first", str(FIRST_JSON), overrides_from_flags(build_parser("first").parse_args(argv)))
@@ -459,7 +459,7 @@ def fp32_rtol(ctx: Context) -> float:
 
 def check_environment(ctx: Context) -> str:
     from utils.accel import resolve_channels_last, resolve_eval_batch_size, resolve_precision, sgd_kwargs
-    from utils.checkpoint import apply_determinism
+    from utils.determinism import apply_determinism
     d = ctx.device
     apply_determinism(False)
     auto = {"precision": {None: "fp32", torch.bfloat16: "bf16"}.get(resolve_precision("auto", d), "?"),
@@ -623,11 +623,11 @@ def check_host_syncs(ctx: Context) -> str:
     """Synchronising CUDA calls per training step: counted over two short epochs, so the
     per-epoch read-back (the losses, the confusion matrix) cancels out."""
     _needs_data(ctx)
-    from utils.checkpoint import apply_determinism
+    from utils.determinism import apply_determinism
     from utils.cli import build_parser
     from utils.config import overrides_from_flags, resolve
     from utils.batches import make_splits
-    from utils.pipeline import make_train_state, prepare
+    from utils.prepare import make_train_state, prepare
     from utils.train import train_one_epoch
     argv = ctx.stage_argv(FIRST_JSON, ctx.work / "unused")
     cfg = resolve("first", str(FIRST_JSON), overrides_from_flags(build_parser("first").parse_args(argv)))

@@ -61,12 +61,15 @@ from utils.accel import (COMPILE_MODES, MEMORY_FORMATS, PRECISIONS, SGD_IMPLS, F
                          make_fast_path, resolve_channels_last, resolve_eval_batch_size, resolve_precision,
                          resolve_threads, sgd_kwargs)
 from utils.augment import BatchAugment  # noqa: E402
-from utils.checkpoint import apply_determinism  # noqa: E402
+from utils.determinism import apply_determinism  # noqa: E402
 from utils.config import from_dict, load_json  # noqa: E402
 from utils.data import long_tailed_counts  # noqa: E402
-from utils.objective import make_objective, make_optimizer, trained_parameters  # noqa: E402
-from utils.pipeline import make_model  # noqa: E402
-from utils.train import SplitTensors, TrainState, evaluate, train_one_epoch  # noqa: E402
+from utils.batches import SplitTensors  # noqa: E402
+from utils.evaluation import evaluate  # noqa: E402
+from utils.objective import make_objective  # noqa: E402
+from utils.params import make_optimizer, trained_parameters  # noqa: E402
+from utils.prepare import make_model  # noqa: E402
+from utils.train import TrainState, train_one_epoch  # noqa: E402
 
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2023, 0.1994, 0.2010)
 N_CLASSES, VAL_PER_CLASS = 100, 20
@@ -104,11 +107,11 @@ def stage1_config(args, **overrides):
 def build(cfg, data, device, seed, couple_decay=True):
     """couple_decay=False: the explicit weight-decay term with its autograd graph, as the published code."""
     torch.manual_seed(seed)
-    shape = SimpleNamespace(n_classes=N_CLASSES, train_images=data["train"].images, class_counts=data["counts"],
-                            in_channels=data["train"].images.shape[1])
-    model = make_model(cfg, shape).to(device)
-    params = [p for _, p in trained_parameters(model, "first", cfg)]
-    objective = make_objective(cfg, data["counts"], params, device, classifier=model.classifier,
+    shape = SimpleNamespace(name=cfg.data.name, n_classes=N_CLASSES, train_images=data["train"].images,
+                            class_counts=data["counts"], in_channels=data["train"].images.shape[1])
+    model = make_model(cfg.model, shape, cfg.seeds).to(device)
+    params = [p for _, p in trained_parameters(model, "first", cfg.optim)]
+    objective = make_objective(cfg.optim, data["counts"], params, device, classifier=model.classifier,
                                couple_decay=couple_decay)
     return model, params, objective
 
@@ -232,7 +235,7 @@ def fast_state(cfg, data, device, seed: int, batch_size: int):
     """(model, fast path, TrainState) of pipeline A, built as the runs build them."""
     model, params, objective = build(cfg, data, device, seed)
     fast = make_fast_path(model, device, cfg.precision, cfg.memory_format, cfg.compile)
-    optimizer = make_optimizer(cfg, params, objective)
+    optimizer = make_optimizer(cfg.optim, params, objective)
     augment = BatchAugment(MEAN, STD, 4, True, device)
     # both generators on the CPU: crops and flips are drawn there and copied to the device
     state = TrainState(optimizer=optimizer, objective=objective, augment=augment, batch_size=batch_size,

@@ -1,12 +1,15 @@
 """Models: ResNet backbones, the small tabular/MNIST networks, classifier heads, logit adjustment."""
 from .classifiers import (
     ETFClassifier,
+    classifier_matrix,
+    make_classifier,
     etf_norm_profile,
     etf_state_to_linear,
     linear_state_to_etf,
     random_orthogonal_columns,
     simplex_etf_directions,
 )
+from .head import LTHead
 from .logit_adjust import LogitAdjuster, log_prior_from_counts
 from .resnet import FEATURE_DIM, SUPPORTED_MODELS, LTModel
 from .resnet import build_model as _build_resnet
@@ -21,6 +24,7 @@ def build_model(name, n_classes, **options):
 
 
 __all__ = [
+    "LTHead",
     "LTModel",
     "SmallLTModel",
     "SMALL_MODELS",
@@ -29,6 +33,8 @@ __all__ = [
     "SUPPORTED_MODELS",
     "FEATURE_DIM",
     "ETFClassifier",
+    "classifier_matrix",
+    "make_classifier",
     "etf_norm_profile",
     "etf_state_to_linear",
     "linear_state_to_etf",

@@ -15,6 +15,8 @@ import torch.nn as nn
 
 __all__ = [
     "ETFClassifier",
+    "make_classifier",
+    "classifier_matrix",
     "random_orthogonal_columns",
     "simplex_etf_directions",
     "etf_norm_profile",
@@ -144,6 +146,31 @@ class ETFClassifier(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"norm_rate={self.norm_rate}, train_norm={self.train_norm}"
         )
+
+
+def make_classifier(
+    in_features: int,
+    n_classes: int,
+    use_etf: bool = False,
+    train_etf_norm: bool = False,
+    etf_norm_rate: float = 1.0,
+    generator: torch.Generator | None = None,
+    dr_balancer_counts: Sequence[int] | None = None,
+) -> nn.Module:
+    """The classifier of every model: :class:`ETFClassifier`, or ``nn.Linear`` (torch's init)."""
+    if use_etf:
+        return ETFClassifier(in_features, n_classes, norm_rate=etf_norm_rate, train_norm=train_etf_norm,
+                             generator=generator, dr_balancer_counts=dr_balancer_counts)
+    return nn.Linear(in_features, n_classes)
+
+
+def classifier_matrix(classifier: nn.Module) -> torch.Tensor:
+    """The K x D weight a classifier applies (ETF: directions times norms), with its graph."""
+    if isinstance(classifier, ETFClassifier):
+        return classifier.weight()
+    if isinstance(classifier, nn.Linear):
+        return classifier.weight
+    raise TypeError(f"unsupported classifier type {type(classifier).__name__}")
 
 
 def _new_like(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":

@@ -17,11 +17,11 @@ Layer layout and parameter names follow the published implementation
   ``mlp_hlayer_n`` residual blocks x -> ReLU(x + BN(Linear(ReLU(BN(Linear(x)))))) using
   ``linearList.<2i>, <2i+1>`` and ``bnList.<2i>, <2i+1>``; classifier ``fc``.
 
-The model interface is the project's (see models/resnet.py ``LTModel``): ``features(x)``
-applies, after the backbone, feature L2-normalisation, last ReLU and feature bias (each
-if enabled, in that order); ``classify(h)`` is the classifier (``nn.Linear`` or the
-shared :class:`~models.classifiers.ETFClassifier`), then logit normalisation, then the
-shared :class:`~models.logit_adjust.LogitAdjuster`.  The original refused ETF on the
+The model interface is every model's (models/head.py): ``features(x)`` applies, after
+the backbone, feature L2-normalisation, last ReLU and feature bias (each if enabled, in
+that order); ``classify(h)`` is the classifier (``nn.Linear`` or
+:class:`~models.classifiers.ETFClassifier`), then logit normalisation, then the
+:class:`~models.logit_adjust.LogitAdjuster`.  The original refused ETF on the
 MNIST networks; here every small network accepts both heads.
 """
 from __future__ import annotations
@@ -33,117 +33,35 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .classifiers import ETFClassifier
+from utils.names import SMALL_MODELS
+
+from .classifiers import make_classifier
+from .head import LTHead
 from .logit_adjust import LogitAdjuster
 
-__all__ = ["SMALL_MODELS", "SmallLTModel", "TableMLP", "BNLeNet5", "BNMLP", "MLResBlock",
-           "build_small_model", "small_model_options"]
+__all__ = ["SMALL_MODELS", "SmallLTModel", "TableMLP", "BNLeNet5", "BNMLP", "MLResBlock", "build_small_model"]
 
-_NORM_EPS = 1e-10
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
-NamedParams = list[tuple[str, nn.Parameter]]
 
 
-class SmallLTModel(nn.Module):
-    """Backbone (``pooled_features``) + classifier at ``classifier_name`` + the options of LTModel."""
+class SmallLTModel(LTHead):
+    """A small network: its layers (``pooled_features``), then the classifier at ``classifier_path``
+    and the head options of every model (models/head.py)."""
 
-    classifier_name = "fc"
+    classifier_path = "fc"
     #: BatchNorm modules on the identity path (the original's belongs_to_identity_bn)
     identity_bn_names: tuple[str, ...] = ()
 
-    def _init_head(self, feature_dim: int, n_classes: int, *, use_etf: bool, train_etf_norm: bool,
-                   etf_norm_rate: float, normalize_feature: bool, last_relu: bool, use_feature_bias: bool,
-                   logit_normalization: bool, logit_adjuster: LogitAdjuster | None,
-                   generator: torch.Generator | None) -> None:
-        self.feature_dim = int(feature_dim)
-        self.n_classes = int(n_classes)
-        if use_etf:
-            head = ETFClassifier(self.feature_dim, self.n_classes, norm_rate=etf_norm_rate,
-                                 train_norm=train_etf_norm, generator=generator)
-        else:
-            head = nn.Linear(self.feature_dim, self.n_classes)
-        setattr(self, self.classifier_name, head)
-        self.normalize_feature = bool(normalize_feature)
-        self.last_relu = bool(last_relu)
-        self.logit_normalization = bool(logit_normalization)
-        if use_feature_bias:
-            self.feature_bias = nn.Parameter(torch.zeros(1, self.feature_dim))
-        else:
-            self.register_parameter("feature_bias", None)
-        self.logit_adjuster = logit_adjuster if logit_adjuster is not None else LogitAdjuster(0.0)
+    def _attach_head(self, feature_dim: int, n_classes: int, *, use_etf: bool, train_etf_norm: bool,
+                     etf_norm_rate: float, generator: torch.Generator | None, **options) -> None:
+        """The classifier, registered after the layers (so state-dict keys keep the original's order)."""
+        classifier = make_classifier(feature_dim, n_classes, use_etf=use_etf, train_etf_norm=train_etf_norm,
+                                     etf_norm_rate=etf_norm_rate, generator=generator)
+        setattr(self, self.classifier_path, classifier)
+        self._init_head(**options)
 
-    # ------------------------------------------------------------------ forward
-    def pooled_features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.pooled_features(x)
-        if self.normalize_feature:
-            h = h / (h.norm(p=2, dim=1, keepdim=True) + _NORM_EPS)
-        if self.last_relu:
-            h = F.relu(h)
-        if self.feature_bias is not None:
-            h = h + self.feature_bias
-        return h
-
-    def classify(self, h: torch.Tensor) -> torch.Tensor:
-        logits = self.classifier(h)
-        if self.logit_normalization:
-            logits = logits / (logits.norm(p=2, dim=1, keepdim=True) + _NORM_EPS)
-        return self.logit_adjuster(logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classify(self.features(x))
-
-    # ------------------------------------------------------------------ helpers
-    @property
-    def classifier(self) -> nn.Module:
-        return getattr(self, self.classifier_name)
-
-    @property
-    def classifier_prefix(self) -> str:
-        """State-dict prefix of the classifier (stage 2's ETF <-> Linear conversion)."""
-        return self.classifier_name + "."
-
-    @property
-    def uses_etf(self) -> bool:
-        return isinstance(self.classifier, ETFClassifier)
-
-    def classifier_weight(self) -> torch.Tensor:
-        """Effective K x D classifier weight, detached (a copy)."""
-        fc = self.classifier
-        w = fc.weight() if isinstance(fc, ETFClassifier) else fc.weight
-        return w.detach().clone()
-
-    def named_parameter_groups(self) -> dict[str, NamedParams]:
-        """The groups of LTModel, by module type: ``conv`` (the weights of every Conv2d and
-        every Linear layer but the classifier), ``bn`` (BatchNorm weights and biases),
-        ``identity_bn`` (subset of ``bn``), ``classifier``, ``feature_bias``."""
-        groups: dict[str, NamedParams] = {
-            "conv": [], "bn": [], "identity_bn": [], "classifier": [], "feature_bias": [],
-        }
-        head = self.classifier
-        identity = {id(self.get_submodule(n)) for n in self.identity_bn_names}
-        for mname, module in self.named_modules():
-            items = [(f"{mname}.{n}", p) for n, p in module.named_parameters(recurse=False)]
-            if module is head:
-                groups["classifier"].extend((n, p) for n, p in items if p.requires_grad)
-            elif isinstance(module, (nn.Conv2d, nn.Linear)):
-                groups["conv"].extend(items)
-            elif isinstance(module, _BN_TYPES):
-                groups["bn"].extend(items)
-                if id(module) in identity:
-                    groups["identity_bn"].extend(items)
-        if self.feature_bias is not None:
-            groups["feature_bias"].append(("feature_bias", self.feature_bias))
-        return groups
-
-    def backbone_parameters(self) -> list[nn.Parameter]:
-        g = self.named_parameter_groups()
-        return [p for _, p in g["conv"]] + [p for _, p in g["bn"]]
-
-    def classifier_parameters(self) -> list[nn.Parameter]:
-        return [p for _, p in self.named_parameter_groups()["classifier"]]
+    def identity_bn_modules(self) -> list[nn.Module]:
+        return [self.get_submodule(n) for n in self.identity_bn_names]
 
 
 class LinearBNReLU(nn.Module):
@@ -166,7 +84,7 @@ class TableMLP(SmallLTModel):
         super().__init__()
         self.encoder = nn.ModuleList(
             [LinearBNReLU(in_features if i == 0 else self.WIDTH, self.WIDTH) for i in range(self.LAYERS)])
-        self._init_head(self.WIDTH, n_classes, **head)
+        self._attach_head(self.WIDTH, n_classes, **head)
 
     def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.flatten(x, 1)
@@ -176,7 +94,7 @@ class TableMLP(SmallLTModel):
 
 
 class BNLeNet5(SmallLTModel):
-    classifier_name = "fc3"
+    classifier_path = "fc3"
 
     def __init__(self, input_shape: Sequence[int], n_classes: int, **head):
         super().__init__()
@@ -192,7 +110,7 @@ class BNLeNet5(SmallLTModel):
         self.bn21 = nn.BatchNorm1d(120)
         self.fc2 = nn.Linear(120, 84, bias=False)
         self.bn22 = nn.BatchNorm1d(84)
-        self._init_head(84, n_classes, **head)
+        self._attach_head(84, n_classes, **head)
 
     def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.bn11(F.max_pool2d(F.relu(self.conv1(x)), 2))
@@ -210,7 +128,7 @@ class BNMLP(SmallLTModel):
         self.linearList = nn.ModuleList(
             [nn.Linear(in_features if i == 0 else width, width, bias=False) for i in range(hidden_layers)])
         self.bnList = nn.ModuleList([nn.BatchNorm1d(width) for _ in range(hidden_layers)])
-        self._init_head(width, n_classes, **head)
+        self._attach_head(width, n_classes, **head)
 
     def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.flatten(x, 1)
@@ -231,7 +149,7 @@ class MLResBlock(SmallLTModel):
         self.bn0 = nn.BatchNorm1d(width)
         self.linearList = nn.ModuleList([nn.Linear(width, width, bias=False) for _ in range(2 * hidden_layers)])
         self.bnList = nn.ModuleList([nn.BatchNorm1d(width) for _ in range(2 * hidden_layers)])
-        self._init_head(width, n_classes, **head)
+        self._attach_head(width, n_classes, **head)
 
     def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn0(self.linear0(torch.flatten(x, 1))))
@@ -241,23 +159,6 @@ class MLResBlock(SmallLTModel):
             x = self.bnList[2 * i + 1](self.linearList[2 * i + 1](x))
             x = F.relu(skip + x)
         return x
-
-
-SMALL_MODELS = ("TableMLP", "BNLeNet5", "BNMLP", "MLResBlock")
-
-
-def small_model_options(model_cfg, data) -> dict:
-    """The build_model keywords only the small networks take (empty for the ResNets)."""
-    if model_cfg.name not in SMALL_MODELS:
-        return {}
-    shape = (3, 224, 224) if data.train_images is None else tuple(data.train_images.shape[1:])
-    if model_cfg.name == "BNLeNet5" and (len(shape) != 3 or min(shape[1:]) < 16):
-        from utils.errors import ConfigError
-
-        raise ConfigError(f"model.name = 'BNLeNet5' needs images of at least 16 x 16 pixels; "
-                          f"data.name = {data.name!r} has inputs of shape {' x '.join(map(str, shape))}")
-    return {"input_shape": shape, "mlp_hlayer_n": model_cfg.mlp_hlayer_n,
-            "mlp_features_d": model_cfg.mlp_features_d}
 
 
 def build_small_model(

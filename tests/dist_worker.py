@@ -21,9 +21,10 @@ import torch  # noqa: E402
 from utils import distributed as ddp  # noqa: E402
 from utils.batches import make_splits  # noqa: E402
 from utils.config import resolve  # noqa: E402
-from utils.evaluation import extract_features  # noqa: E402
-from utils.pipeline import make_train_state, prepare  # noqa: E402
-from utils.train import evaluate, train_one_epoch  # noqa: E402
+from utils.ddp import _GlobalBatchStats  # noqa: E402
+from utils.evaluation import evaluate, extract_features  # noqa: E402
+from utils.prepare import make_train_state, prepare  # noqa: E402
+from utils.train import train_one_epoch  # noqa: E402
 
 
 def run(config: str, steps: int, path: str) -> None:
@@ -31,11 +32,11 @@ def run(config: str, steps: int, path: str) -> None:
     p = prepare(cfg, "first")
     train, val, test, augment = make_splits(p.data, p.device)
     out: dict = {"world_size": torch.tensor(ddp.context().world_size),
-                 "global_batch_bn": torch.tensor(sum(isinstance(m, ddp._GlobalBatchStats) for m in p.model.modules()))}
+                 "global_batch_bn": torch.tensor(sum(isinstance(m, _GlobalBatchStats) for m in p.model.modules()))}
     # evaluation of the initial weights on the test split
-    result = evaluate(p.model, test, augment, p.data.n_classes, cfg.data.eval_batch_size,
-                      want_features=True, fast=p.fast)
-    feats = extract_features(p.model, test, augment, cfg.data.eval_batch_size, hflip=True, fast=p.fast)
+    result = evaluate(p.model, test, augment, p.data.n_classes, p.eval_batch_size,
+                      want_features=True, fast=p.fast, want_preds=True)
+    feats = extract_features(p.model, test, augment, p.eval_batch_size, hflip=True, fast=p.fast)
     out["eval"] = dict(counts=result.counts, preds=result.preds, features=result.features.cpu(),
                        plain=feats.plain.cpu(), flipped=feats.flipped.cpu(), n=torch.tensor(len(test)))
     # training steps

@@ -26,10 +26,12 @@ from torch import nn  # noqa: E402
 from models import build_model  # noqa: E402
 from models.backbone_options import OneParamBN  # noqa: E402
 from tests.bn_kernels import KERNELS  # noqa: E402
+from utils import ddp as global_bn  # noqa: E402
 from utils import distributed as ddp  # noqa: E402
 from utils.augment import BatchAugment  # noqa: E402
 from utils.evaluation import extract_features  # noqa: E402
-from utils.train import SplitTensors, evaluate  # noqa: E402
+from utils.batches import SplitTensors  # noqa: E402
+from utils.evaluation import evaluate  # noqa: E402
 
 CASES = {"bn2d": (lambda: nn.BatchNorm2d(4), (2, 4, 3, 3)),
          "bn2d_7": (lambda: nn.BatchNorm2d(4), (7, 4, 3, 3)),
@@ -43,7 +45,7 @@ def _batchnorm_pass(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, fused)
     if fused is None:
         part, rows = x.clone().requires_grad_(), None
     else:
-        ddp.convert_sync_batchnorm(m)
+        global_bn.convert_sync_batchnorm(m)
         rows = x.shape[0]
         lo, hi = ddp.my_bounds(rows)
         part = x[lo:hi].clone().requires_grad_()
@@ -63,7 +65,7 @@ def _batchnorm_pass(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, fused)
 
 def main(out: str) -> None:
     ddp.setup("cpu")
-    ddp._FUSED_KERNELS = KERNELS  # the CUDA kernels' contracts, in tensor operations (tests/bn_kernels.py)
+    global_bn._FUSED_KERNELS = KERNELS  # the CUDA kernels' contracts, in tensor operations (tests/bn_kernels.py)
     torch.manual_seed(0)  # the same inputs and weights on every rank
     results: dict = {"world_size": torch.tensor(ddp.context().world_size)}
     for name, (make, shape) in CASES.items():
@@ -78,7 +80,7 @@ def main(out: str) -> None:
     model = build_model("ResNet18", 3, in_channels=1, small_input=True)
     split = SplitTensors(torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8), torch.tensor([2, 0]))
     augment = BatchAugment([0.5], [0.25], 0, False)
-    result = evaluate(model, split, augment, 3, 4, want_features=True)
+    result = evaluate(model, split, augment, 3, 4, want_features=True, want_preds=True)
     feats = extract_features(model, split, augment, 4, hflip=True)
     results["eval"] = {"counts": result.counts, "preds": result.preds, "features": result.features,
                        "plain": feats.plain, "flipped": feats.flipped}

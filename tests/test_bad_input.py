@@ -315,14 +315,14 @@ def _best_weights_gone(c):
 
 
 def _oom_at_build(c):
-    import utils.pipeline as pipeline
-    c.mp.setattr(pipeline, "build_model", _raise_oom)
+    import utils.prepare as prepare
+    c.mp.setattr(prepare, "build_model", _raise_oom)
     return _first(c)
 
 
 def _oom_at_first_step(c):
-    import utils.pipeline as pipeline
-    c.mp.setattr(pipeline, "train_one_epoch", _raise_oom)
+    import utils.fit as fit
+    c.mp.setattr(fit, "train_one_epoch", _raise_oom)
     return _first(c)
 
 

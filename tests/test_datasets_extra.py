@@ -245,7 +245,7 @@ def test_mini_imagenet_split_files(tmp_path, val_name):
 
 
 def test_mini_imagenet_split_files_generated_from_the_class_list(tmp_path, capsys):
-    from utils.extra_datasets import make_mini_imagenet_splits, mini_imagenet_counts
+    from utils.imagenet_lt import make_mini_imagenet_splits, mini_imagenet_counts
 
     folder = tmp_path / "mini_imagenet"
     folder.mkdir()
@@ -502,7 +502,7 @@ def test_file_split_evaluation_uses_the_eval_transform_and_one_loader(tmp_path):
 def test_feature_split_batches_and_evaluate_dispatch():
     from models import build_model
     from utils.batches import FeatureSplit
-    from utils.train import evaluate
+    from utils.evaluation import evaluate
 
     x = torch.randn(11, 27)
     y = torch.arange(11) % 3
@@ -513,7 +513,7 @@ def test_feature_split_batches_and_evaluate_dispatch():
     assert sorted(idx.tolist()) == list(range(11))
     assert all(torch.equal(b[0], x[b[2]]) and torch.equal(b[1], y[b[2]]) for b in batches)
     model = build_model("TableMLP", 3, input_shape=(27,))
-    result = evaluate(model, split, None, 3, batch_size=5, want_features=True)
+    result = evaluate(model, split, None, 3, batch_size=5, want_features=True, want_preds=True)
     model.eval()
     with torch.no_grad():
         assert torch.equal(result.preds, model(x).argmax(1))
@@ -572,12 +572,12 @@ def test_mlresblock_forward_is_the_residual_formula():
 
 
 def test_small_network_head_options_and_etf():
-    from models import build_model
+    from models import ETFClassifier, build_model
 
     m = build_model("BNMLP", 5, input_shape=(1, 6, 6), mlp_hlayer_n=1, mlp_features_d=8, use_etf=True,
                     normalize_feature=True, use_feature_bias=True, la_tau=1.0, class_counts=[50, 20, 10, 5, 1],
                     la_additive=False)
-    assert m.uses_etf and m.classifier_weight().shape == (5, 8)
+    assert isinstance(m.classifier, ETFClassifier) and m.classifier_weight().shape == (5, 8)
     groups = m.named_parameter_groups()
     assert [n for n, _ in groups["classifier"]] == ["fc.bias"]  # directions fixed, norms untrained
     assert [n for n, _ in groups["feature_bias"]] == ["feature_bias"]

@@ -36,13 +36,13 @@ def test_input_size_comes_from_the_data():
 
 
 def test_cuda_n_becomes_the_current_device(monkeypatch):
-    from utils import pipeline
+    from utils import prepare
 
     current = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: current.append(torch.device(device)))
-    assert pipeline.use_device("cuda:1") == torch.device("cuda", 1) and current == [torch.device("cuda", 1)]
-    assert pipeline.use_device("cuda") == CUDA and pipeline.use_device("cpu") == CPU
+    assert prepare.use_device("cuda:1") == torch.device("cuda", 1) and current == [torch.device("cuda", 1)]
+    assert prepare.use_device("cuda") == CUDA and prepare.use_device("cpu") == CPU
     assert current == [torch.device("cuda", 1)]  # no index: the current device stays as it is
 
 

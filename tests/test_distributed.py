@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from tests.conftest import ROOT, digits_config
+from utils import ddp as global_bn
 from utils import distributed as ddp
 from utils.rundir import FollowerRunDir
 
@@ -141,7 +142,7 @@ def test_global_batch_batchnorm_keeps_types_keys_and_single_process_numbers():
     reference = build_model("ResNet18", 10, in_channels=1, small_input=True, one_param_bn=True)
     reference.load_state_dict(model.state_dict())
     groups_before = {k: [n for n, _ in v] for k, v in model.named_parameter_groups().items()}
-    n = ddp.convert_sync_batchnorm(model)
+    n = global_bn.convert_sync_batchnorm(model)
     assert n == sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in reference.modules()) > 0
     assert all(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()
                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
@@ -197,7 +198,7 @@ def test_fused_global_batchnorm_bookkeeping_matches_batchnorm(forced_group, monk
     and of the affine parameters, running statistics, the layout of the output."""
     from tests.bn_kernels import KERNELS
 
-    monkeypatch.setattr(ddp, "_FUSED_KERNELS", KERNELS)
+    monkeypatch.setattr(global_bn, "_FUSED_KERNELS", KERNELS)
     torch.manual_seed(1)
     plain = make()
     with torch.no_grad():
@@ -217,7 +218,7 @@ def test_fused_global_batchnorm_bookkeeping_matches_batchnorm(forced_group, monk
     for fused in (False, True):
         module = make()  # fresh running statistics, the trained module's affine parameters
         module.load_state_dict({**module.state_dict(), "weight": plain.weight.detach(), "bias": plain.bias.detach()})
-        ddp.convert_sync_batchnorm(module)
+        global_bn.convert_sync_batchnorm(module)
         y, dx, module = run(module.train(), fused)
         for got, want in ((y, ref_y), (dx, ref_dx), (module.weight.grad, ref.weight.grad),
                           (module.bias.grad, ref.bias.grad), (module.running_mean, ref.running_mean),
@@ -235,7 +236,7 @@ def test_device_check_of_the_distributed_code_passes_on_cpu(monkeypatch, capsys)
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv(ddp.FORCE_ENV, "1")
-    monkeypatch.setattr(ddp, "_FUSED_KERNELS", ddp._FUSED_KERNELS)  # restored after the check replaces them
+    monkeypatch.setattr(global_bn, "_FUSED_KERNELS", global_bn._FUSED_KERNELS)  # restored after the check replaces them
     spec = importlib.util.spec_from_file_location("dist_check", ROOT / "bench" / "dist_check.py")
     check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(check)
@@ -251,7 +252,8 @@ def test_an_empty_evaluation_shard_gets_one_batch_of_no_rows(monkeypatch, tmp_pa
     from torchvision.transforms import PILToTensor
     from utils.augment import BatchAugment
     from utils.batches import FeatureSplit, FileSplit
-    from utils.train import SplitTensors, shard_eval_batches
+    from utils.batches import SplitTensors
+    from utils.evaluation import shard_eval_batches
 
     paths = []
     for i in range(2):
@@ -282,6 +284,7 @@ def test_follower_run_directory_writes_nothing(tmp_path):
 
 
 def test_batch_that_does_not_divide_is_refused(monkeypatch):
+    from utils.cli import check_global_batch
     from utils.config import ConfigError, from_dict
 
     cfg = from_dict(digits_config("x"))
@@ -289,13 +292,13 @@ def test_batch_that_does_not_divide_is_refused(monkeypatch):
     monkeypatch.setattr(ddp, "_CONTEXT", ddp.Dist(rank=0, world_size=2, local_world_size=2, backend="gloo"))
     with pytest.raises(ConfigError, match=r"data.batch_size = 63 is the global batch and must divide by the 2 "
                                           r"processes .*use 62 or 64"):
-        ddp.check_global_batch(cfg)
+        check_global_batch(cfg, ddp.context().world_size)
     cfg.data.batch_size = 64
-    ddp.check_global_batch(cfg)
+    check_global_batch(cfg, ddp.context().world_size)
 
 
 def test_resume_command_repeats_the_torchrun_launch(monkeypatch):
-    from utils.checkpoint import resume_command
+    from utils.cli import resume_command
 
     assert resume_command("first", ["--json_path", "a.json"]) == "python first.py --json_path a.json --resume"
     monkeypatch.setattr(ddp, "_CONTEXT", ddp.Dist(rank=0, world_size=4, local_world_size=2, backend="nccl"))

@@ -29,7 +29,9 @@ from utils.accel import FastPath, make_fast_path, resolve_threads, sgd_kwargs
 from utils.augment import BatchAugment
 from utils.config import Config, ConfigError, OptimConfig, from_dict
 from utils.metrics import confusion_counts
-from utils.train import SplitTensors, TrainState, accumulate_confusion, evaluate, train_one_epoch
+from utils.batches import SplitTensors
+from utils.evaluation import evaluate
+from utils.train import TrainState, accumulate_confusion, train_one_epoch
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
 K, N, BS, SIZE = 10, 64, 16, 16

@@ -18,7 +18,7 @@ import torch
 
 from tests.conftest import ROOT, digits_config, fill_disk
 from utils.cli import main
-from utils.rundir import CHECKPOINT_FILE
+from utils.names import CHECKPOINT_FILE
 
 MODEL = {"name": "BNMLP", "mlp_features_d": 16, "mlp_hlayer_n": 1}
 RUN = Path("Digits/BNMLP/first/h/0")
@@ -120,7 +120,7 @@ def test_kill_during_final_evaluation_then_resume_writes_each_scalar_once(refere
         main("first", ["--json_path", "cfg.json"])
     run = in_tmp / "exp" / RUN
     assert (run / "acc.json").is_file()
-    from utils.checkpoint import run_state
+    from utils.run_plan import run_state
     assert not run_state(run).finished, "acc.json alone does not make the run finished"
     from utils.report import main as report
     assert report([str(in_tmp / "exp")]) == 2  # the only run is skipped: no runs found
@@ -242,22 +242,22 @@ def test_a_reused_pid_does_not_keep_a_lock_alive():
 
 def test_resume_after_a_kill_takes_over_the_stale_lock(reference, in_tmp, no_figures, monkeypatch, capsys):
     """SIGKILL leaves the lock file; --resume goes on without a manual step and says so."""
-    import utils.pipeline as pipeline
+    import utils.fit as fit
     from utils.runlock import LockOwner, lock_path
-    real = pipeline.train_one_epoch
+    real = fit.train_one_epoch
 
     def killed_in_epoch_2(model, split, state, epoch, total, *args, **kwargs):
         if epoch == 2:
             raise SystemExit("killed")
         return real(model, split, state, epoch, total, *args, **kwargs)
-    monkeypatch.setattr(pipeline, "train_one_epoch", killed_in_epoch_2)
+    monkeypatch.setattr(fit, "train_one_epoch", killed_in_epoch_2)
     with pytest.raises(SystemExit):
         main("first", ["--json_path", "cfg.json"])
     run = in_tmp / "exp" / RUN
     dead = LockOwner(pid=_dead_pid(), host=LockOwner.me().host, started="2025-01-01T00:00:00+00:00",
                      command="first.py --json_path cfg.json")
     lock_path(run).write_bytes(dead.to_bytes())  # what the killed process would have left
-    monkeypatch.setattr(pipeline, "train_one_epoch", real)
+    monkeypatch.setattr(fit, "train_one_epoch", real)
     assert main("first", ["--json_path", "cfg.json", "--resume"]) == 0
     log = (run / "train.log").read_text()
     assert f"took over the lock of pid {dead.pid} on host {dead.host}" in log and "no longer running" in log
@@ -274,7 +274,7 @@ def test_overwrite_moves_the_old_run_aside_and_survives_an_undeletable_file(refe
     run = in_tmp / "exp" / RUN
     shutil.copytree(reference, run)
     (run / "stray.txt").write_text("from the old run")
-    import utils.checkpoint as checkpoint
+    import utils.run_open as run_open
     real_rmtree = shutil.rmtree
 
     def rmtree(path, *args, **kwargs):  # one file of the old copy cannot be deleted
@@ -286,7 +286,7 @@ def test_overwrite_moves_the_old_run_aside_and_survives_an_undeletable_file(refe
                 kwargs["onerror"](os.unlink, str(Path(path) / "stray.txt"), (PermissionError, denied, None))
             return
         return real_rmtree(path, *args, **kwargs)
-    monkeypatch.setattr(checkpoint.shutil, "rmtree", rmtree)
+    monkeypatch.setattr(run_open.shutil, "rmtree", rmtree)
     assert main("first", ["--json_path", "cfg.json", "--overwrite"]) == 0
     out = capsys.readouterr().out
     assert "could not delete the previous run's copy" in out and "the new run is not affected" in out
@@ -398,7 +398,7 @@ def test_an_offline_cifar_download_leaves_no_empty_datasets_folder(tmp_path, mon
 
 
 def test_resume_compares_the_keys_that_change_what_is_computed():
-    from utils.checkpoint import config_differences
+    from utils.run_plan import config_differences
     from utils.config import from_dict
     cfg = from_dict(_config()).to_dict()
     older = {k: v for k, v in cfg.items() if k != "sync_bn"}  # written before the key existed

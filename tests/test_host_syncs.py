@@ -14,10 +14,10 @@ import torch
 
 from tests.conftest import digits_config
 from utils.batches import make_splits
-from utils.checkpoint import NonFiniteGuard
+from utils.guard import NonFiniteGuard
 from utils.config import from_dict
 from utils.host_syncs import HostReads, syncs_in_steps
-from utils.pipeline import make_train_state, prepare
+from utils.prepare import make_train_state, prepare
 
 CONFIGS = {
     # jsons/*/first.json's objective: CE + WD (coupled) + FR + ETF; nonfinite stop as on CUDA (flag read every 25)
@@ -38,10 +38,9 @@ def _steps(name, device="cpu", mode=None):
                                   device=device, num_threads=1, **top))
     p = prepare(cfg, "first")
     train, _, _, augment = make_splits(p.data, p.device)
-    state = make_train_state(p, augment)
-    guard = NonFiniteGuard(nonfinite, p.device, owner=None)
+    guard = NonFiniteGuard(nonfinite, p.device)
     guard.sync_every = 25  # the CUDA setting, also on the CPU
-    guard.attach(state)
+    state = make_train_state(p, augment, guard)
     return syncs_in_steps(p.model, train, state, steps=2, warmup=1, mode=mode)
 
 

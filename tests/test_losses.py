@@ -62,7 +62,7 @@ def _cfg(**optim):
 
 
 def _terms(cfg, features=None, classifier=None, epoch=None):
-    obj = make_objective(cfg, COUNTS, [], torch.device("cpu"), classifier=classifier)
+    obj = make_objective(cfg.optim, COUNTS, [], torch.device("cpu"), classifier=classifier)
     if epoch is not None:
         obj.set_epoch(epoch)
     h = features if features is not None else torch.zeros(2, 2)
@@ -185,7 +185,7 @@ def test_nc_hand_computed():
     assert float(angle) == pytest.approx(math.acos(1 / math.sqrt(2) - 0.01), rel=1e-5)
     logits = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
     cfg = from_dict({"data": {"n_classes": 2}, "optim": {"loss_type": "NC", "nc_lambda1": 0.5, "nc_lambda2": 0.25}})
-    terms = make_objective(cfg, [2, 1], [], torch.device("cpu"))(logits, labels, h)
+    terms = make_objective(cfg.optim, [2, 1], [], torch.device("cpu"))(logits, labels, h)
     ce = (_ce([1.0, 0.0], 0) + _ce([0.0, 1.0], 0) + _ce([0.5, 0.5], 1)) / 3
     assert float(terms["ce"]) == pytest.approx(ce, rel=1e-6)
     assert float(terms["nc_within"]) == pytest.approx(0.5 * 1.0)

@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
-from utils.metrics import (class_averaged_accuracy, class_groups, confusion_counts, fisher_discriminant_ratio,
-                           group_accuracy, hoyer_sparsity, per_class_accuracy)
+from utils.lt_data import class_groups
+from utils.metrics import (class_averaged_accuracy, confusion_counts, fisher_discriminant_ratio, group_accuracy,
+                           hoyer_sparsity, per_class_accuracy)
 
 
 def _two_class_features():

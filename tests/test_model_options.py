@@ -241,15 +241,15 @@ def test_bn_weight_init_pretrained_from_a_run(tmp_path):
         "pretrained_gamma": 2.0, "pretrained_beta": 0.5, "init_identity_bn": False,
         "pretrained_path": str(tmp_path / "run")}})
     m = build_model("ResNet18", 4)
-    assert len(apply_bn_weight_init(m, cfg)) == 20  # every BN, identity ones too (as the original)
+    assert len(apply_bn_weight_init(m, cfg.model, cfg.seeds)) == 20  # every BN, identity ones too (as the original)
     torch.testing.assert_close(_bn_weights(m), 2.0 * _bn_weights(source) + 0.5)
     other = build_model("ResNet18", 4, one_param_bn=True)
     with pytest.raises(Stage1Error, match=r"'encoder.bn1.weight' has shape \(64,\) in the pretrained state dict "
                                           r"but \(1,\) in this model"):
-        apply_bn_weight_init(other, cfg)
+        apply_bn_weight_init(other, cfg.model, cfg.seeds)
     cfg.seeds = 8
     with pytest.raises(Stage1Error, match="run/8/best.paramOnly is missing"):
-        apply_bn_weight_init(m, cfg)
+        apply_bn_weight_init(m, cfg.model, cfg.seeds)
 
 
 @pytest.mark.parametrize("model, message", [
@@ -339,15 +339,15 @@ def _fake_data(name="Digits", channels=1, counts=(40, 20, 10, 5)):
 
 
 def test_make_model_passes_every_option_from_the_config():
-    from utils.objective import trained_parameters
-    from utils.pipeline import make_model
+    from utils.params import trained_parameters
+    from utils.prepare import make_model
     cfg = from_dict({"data": {"name": "Digits", "n_classes": 4}, "model": {
         "name": "ResNet18", "use_etf": True, "use_dr_balancer": True, "etf_norm_rate": 2.0, "bn_eps": 1e-4,
         "activation_type": "selu", "one_param_bn": True, "normalize_feature": True, "last_relu": True,
         "use_feature_bias": True, "logit_normalization": True, "modify_bn_weight": True,
         "bn_weight_init_distribution": "gauss", "bn_weight_init_mean": 0.25, "bn_weight_init_std": 0.0,
         "init_identity_bn": False}})
-    m = make_model(cfg, _fake_data())
+    m = make_model(cfg.model, _fake_data())
     assert m.small_input and m.encoder.conv1.weight.shape == (64, 1, 3, 3)
     assert all(mod.eps == 1e-4 for mod in m.modules() if isinstance(mod, nn.BatchNorm2d))
     assert isinstance(m.encoder.relu, nn.SELU) and isinstance(m.encoder.layer4[1].relu, nn.SELU)
@@ -362,14 +362,13 @@ def test_make_model_passes_every_option_from_the_config():
     names = {n for n, _ in trained_parameters(m, "first")}
     assert "encoder.fc.bias" in names and "encoder.fc.weight_norm" not in names
     cfg.model.train_etf_norm = True
-    names = {n for n, _ in trained_parameters(make_model(cfg, _fake_data()), "first")}
+    names = {n for n, _ in trained_parameters(make_model(cfg.model, _fake_data()), "first")}
     assert "encoder.fc.weight_norm" in names
     # the 224-pixel stem: IMResNet names, or ImageNet-sized data with any ResNet (the original's rule)
     cfg = from_dict({"data": {"name": "Digits", "n_classes": 4}, "model": {"name": "IMResNet34"}})
-    assert not make_model(cfg, _fake_data()).small_input
+    assert not make_model(cfg.model, _fake_data()).small_input
     cfg = from_dict({"data": {"name": "Digits", "n_classes": 4}, "model": {"name": "ResNet18"}})
-    cfg.data.name = "ImageNet"
-    assert make_model(cfg, _fake_data(channels=3)).encoder.conv1.kernel_size == (7, 7)
+    assert make_model(cfg.model, _fake_data(name="ImageNet", channels=3)).encoder.conv1.kernel_size == (7, 7)
 
 
 @pytest.fixture

@@ -350,8 +350,8 @@ def test_named_parameter_groups_resnet18():
     assert sorted(covered) == sorted(n for n, _ in m.named_parameters())
     named = dict(m.named_parameters())
     assert all(named[n] is p for k in g for n, p in g[k])
-    assert len(m.backbone_parameters()) == 60
-    assert len(m.classifier_parameters()) == 2
+    assert len(g["conv"]) + len(g["bn"]) == 60  # the backbone's parameters (conv and BN of the encoder)
+    assert len(g["classifier"]) == 2
 
 
 def test_named_parameter_groups_etf():
@@ -362,8 +362,8 @@ def test_named_parameter_groups_etf():
     m2 = build_model("ResNet18", 10, use_etf=True, train_etf_norm=True)
     g2 = m2.named_parameter_groups()
     assert {n for n, _ in g2["classifier"]} == {"encoder.fc.weight_norm", "encoder.fc.bias"}
-    assert m2.classifier_parameters()[0] is m2.encoder.fc.weight_norm or \
-        m2.classifier_parameters()[1] is m2.encoder.fc.weight_norm
+    classifier = [p for _, p in g2["classifier"]]
+    assert classifier[0] is m2.encoder.fc.weight_norm or classifier[1] is m2.encoder.fc.weight_norm
 
 
 def test_classifier_helpers():

@@ -13,8 +13,8 @@ from models import build_model
 from tests.conftest import digits_config
 from utils.cli import main
 from utils.config import ConfigError, from_dict
-from utils.objective import (decayed_parameters, describe_parameters, make_objective, make_optimizer,
-                             trained_parameters)
+from utils.objective import make_objective
+from utils.params import decayed_parameters, describe_parameters, make_optimizer, trained_parameters
 
 # ResNet18 (torchvision layout): 20 conv weights (conv1, 16 in the blocks, 3 downsample convs);
 # 20 BatchNorms = 40 tensors (stem bn1, 16 in the blocks, 3 downsample BNs = 4 identity BNs);
@@ -37,8 +37,8 @@ def _model(**kw):
 
 def _sets(cfg, model=None, stage="first"):
     model = model or _model()
-    trained = trained_parameters(model, stage, cfg)
-    decayed = decayed_parameters(model, trained, cfg, GROUPS)
+    trained = trained_parameters(model, stage, cfg.optim)
+    decayed = decayed_parameters(model, trained, cfg.optim, GROUPS)
     return model, trained, decayed
 
 
@@ -112,7 +112,7 @@ def test_weight_decay_target_selects_classifier_rows_and_the_penalty_value():
     w, b = model.encoder.fc.weight, model.encoder.fc.bias
     expected = sum(float(p.detach().double().pow(2).sum()) for n, p in trained if not n.startswith("encoder.fc."))
     expected += sum(float(w[r].detach().double().pow(2).sum()) + float(b[r].detach().double()) ** 2 for r in rows)
-    objective = make_objective(cfg, [100, 72, 51, 37, 26, 19, 14, 10, 7, 5], decayed, torch.device("cpu"))
+    objective = make_objective(cfg.optim, [100, 72, 51, 37, 26, 19, 14, 10, 7, 5], decayed, torch.device("cpu"))
     terms = objective(torch.zeros(2, K), torch.tensor([0, 1]), torch.zeros(2, 512))
     assert float(terms["weight_decay"].detach()) == pytest.approx(0.5 * expected / 2, rel=1e-5)
     # the gradient reaches only the chosen rows
@@ -162,11 +162,11 @@ def test_etf_feature_bias_and_stage2_sets():
     cfg = _cfg("second", weight_decay=0.1, weight_decay_target=[False, False, False])
     _, trained, decayed = _sets(cfg, stage="second")
     assert decayed == []
-    terms = make_objective(cfg, [5] * K, decayed, torch.device("cpu"))(
+    terms = make_objective(cfg.optim, [5] * K, decayed, torch.device("cpu"))(
         torch.zeros(1, K), torch.tensor([0]), torch.zeros(1, 512))
     assert set(terms) == {"ce"}
     assert "weight decay 0.1 on 0 tensors (0 parameters), classifier rows of no classes" in describe_parameters(
-        cfg, trained, decayed)
+        cfg.optim, trained, decayed)
 
 
 def test_describe_parameters_counts():
@@ -174,11 +174,11 @@ def test_describe_parameters_counts():
     _, trained, decayed = _sets(cfg)
     n_trained = sum(p.numel() for _, p in trained)
     n_decayed = n_trained - sum(p.numel() for n, p in trained if ".bn" in n or "downsample.1" in n) - 7 * 513
-    text = describe_parameters(cfg, trained, decayed)
+    text = describe_parameters(cfg.optim, trained, decayed)
     assert f"trained tensors: 62 ({n_trained:,} parameters)" in text
     assert f"weight decay 0.1 on 22 tensors ({n_decayed:,} parameters), classifier rows of Many classes" in text
     adamw = _cfg(weight_decay=0.1, optimizer="AdamW")
-    assert "weight decay 0.1 (AdamW, decoupled) on all of them" in describe_parameters(adamw, trained, decayed)
+    assert "weight decay 0.1 (AdamW, decoupled) on all of them" in describe_parameters(adamw.optim, trained, decayed)
 
 
 # ---------------------------------------------------------------------------
@@ -188,13 +188,13 @@ def test_describe_parameters_counts():
 def test_sgd_momentum_and_adamw_decoupled_decay():
     lin = torch.nn.Linear(3, 2)
     plain = _cfg(base_lr=0.1)
-    sgd = make_optimizer(plain, list(lin.parameters()), make_objective(plain, [5, 5], [], torch.device("cpu")))
+    sgd = make_optimizer(plain.optim, list(lin.parameters()), make_objective(plain.optim, [5, 5], [], torch.device("cpu")))
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9
     assert [g["weight_decay"] for g in sgd.param_groups] == [0.0]
     cfg = _cfg(optimizer="AdamW", weight_decay=0.1, base_lr=0.5)
     before = [p.detach().clone() for p in lin.parameters()]
-    objective = make_objective(cfg, [5, 5], [], torch.device("cpu"))
-    opt = make_optimizer(cfg, list(lin.parameters()), objective)
+    objective = make_objective(cfg.optim, [5, 5], [], torch.device("cpu"))
+    opt = make_optimizer(cfg.optim, list(lin.parameters()), objective)
     assert isinstance(opt, torch.optim.AdamW)
     terms = objective(torch.zeros(1, 2), torch.tensor([0]), torch.zeros(1, 3))
     assert set(terms) == {"ce"}  # no explicit decay term with AdamW
@@ -207,12 +207,12 @@ def test_sgd_momentum_and_adamw_decoupled_decay():
         assert torch.allclose(p.detach(), 0.95 * p0, atol=1e-7)
     # SGD with the same weight decay: the term is logged, its gradient goes through SGD's weight_decay
     decay = _cfg(weight_decay=0.1)
-    sgd_objective = make_objective(decay, [5, 5], list(lin.parameters()), torch.device("cpu"))
+    sgd_objective = make_objective(decay.optim, [5, 5], list(lin.parameters()), torch.device("cpu"))
     sgd_terms = sgd_objective(torch.zeros(1, 2), torch.tensor([0]), torch.zeros(1, 3))
     expected = 0.1 * sum(float(p.detach().pow(2).sum()) for p in lin.parameters()) / 2
     assert float(sgd_terms["weight_decay"].detach()) == pytest.approx(expected, rel=1e-5)
     assert not sgd_terms["weight_decay"].requires_grad
-    sgd = make_optimizer(decay, list(lin.parameters()), sgd_objective)
+    sgd = make_optimizer(decay.optim, list(lin.parameters()), sgd_objective)
     assert [(len(g["params"]), g["weight_decay"]) for g in sgd.param_groups] == [(2, 0.1)]
 
 

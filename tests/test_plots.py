@@ -7,7 +7,7 @@ from PIL import Image
 
 from tests.conftest import digits_config
 from utils.cli import main
-from utils.plots import group_confusion
+from utils.figures import group_confusion
 from utils.records import class_mean, forgetting_scores, head_to_tail
 
 STAGE1_PNGS = {"confusion_matrix", "confusion_groups", "per_class_accuracy", "weight_norm", "weight_cosine",
@@ -105,7 +105,7 @@ def test_every_plot_of_a_two_stage_run(tmp_path, write_json):
 def test_plot_run_from_files_with_many_classes_and_rgb_images(tmp_path):
     """plot_run reads only files (plus images): 30 classes, RGB images, classes not in size order."""
     import csv
-    from utils.metrics import class_groups
+    from utils.lt_data import class_groups
     from utils.plots import plot_run
     k, epochs, per_class = 30, 3, 4
     counts = [5 + (c * 7) % 60 for c in range(k)]

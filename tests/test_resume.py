@@ -21,7 +21,9 @@ import pytest
 import torch
 
 from tests.conftest import digits_config
-from utils.checkpoint import FORMAT, GracefulStop, apply_determinism, read_checkpoint
+from utils.checkpoint import FORMAT, read_checkpoint
+from utils.determinism import apply_determinism
+from utils.signals import GracefulStop
 from utils.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,8 +207,8 @@ def in_tmp(tmp_path, monkeypatch):
 
 def _inject_nan(monkeypatch, epoch: int, step: int, steps_applied: list):
     """The objective returns NaN at (epoch, step); count the optimizer steps applied."""
-    import utils.pipeline as pipeline
-    real_objective, real_optimizer = pipeline.make_objective, pipeline.make_optimizer
+    import utils.prepare as prepare
+    real_objective, real_optimizer = prepare.make_objective, prepare.make_optimizer
     calls = {"n": 0}
 
     class Objective:
@@ -237,8 +239,8 @@ def _inject_nan(monkeypatch, epoch: int, step: int, steps_applied: list):
         opt.step = step
         return opt
 
-    monkeypatch.setattr(pipeline, "make_objective", make_objective)
-    monkeypatch.setattr(pipeline, "make_optimizer", make_optimizer)
+    monkeypatch.setattr(prepare, "make_objective", make_objective)
+    monkeypatch.setattr(prepare, "make_optimizer", make_optimizer)
     return calls
 
 
@@ -247,13 +249,13 @@ def test_nan_loss_stops_with_epoch_and_step_keeping_last_checkpoint(in_tmp, writ
                                                                     sync_every):
     """CPU: checked at every step. CUDA reads a device-side flag every 25 steps; with 1000 here the
     training loop's own end-of-epoch check fires and the step is still reported."""
-    from utils import checkpoint
-    real_init = checkpoint.NonFiniteGuard.__init__
+    from utils import guard
+    real_init = guard.NonFiniteGuard.__init__
 
     def init(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
         self.sync_every = sync_every
-    monkeypatch.setattr(checkpoint.NonFiniteGuard, "__init__", init)
+    monkeypatch.setattr(guard.NonFiniteGuard, "__init__", init)
     steps = []
     _inject_nan(monkeypatch, epoch=2, step=3, steps_applied=steps)
     cfg = write_json("cfg.json", _config(total_epoch_num=2))
@@ -359,14 +361,14 @@ def test_deterministic_switch_and_bare_flag(in_tmp, write_json, monkeypatch):
 
 def test_checkpoint_every_and_a_crash_between_checkpoints(in_tmp, write_json, capsys, monkeypatch):
     """checkpoint_every 2: a crash in epoch 3 resumes after epoch 2 (epoch 1 had no checkpoint)."""
-    import utils.pipeline as pipeline
-    real = pipeline.train_one_epoch
+    import utils.fit as fit
+    real = fit.train_one_epoch
 
     def crash_in_epoch_3(model, split, state, epoch, total, *args, **kwargs):
         if epoch == 3:
             raise SystemExit("simulated crash")
         return real(model, split, state, epoch, total, *args, **kwargs)
-    monkeypatch.setattr(pipeline, "train_one_epoch", crash_in_epoch_3)
+    monkeypatch.setattr(fit, "train_one_epoch", crash_in_epoch_3)
     cfg = write_json("cfg.json", _config(total_epoch_num=3))
     with pytest.raises(SystemExit):
         main("first", ["--json_path", cfg, "--checkpoint_every", "2"])
@@ -377,7 +379,7 @@ def test_checkpoint_every_and_a_crash_between_checkpoints(in_tmp, write_json, ca
     best = torch.load(run / "best.paramOnly", weights_only=True)
     if ckpt["best_epoch"] == 2:
         assert all(torch.equal(best[k], ckpt["model"][k]) for k in best)
-    monkeypatch.setattr(pipeline, "train_one_epoch", real)
+    monkeypatch.setattr(fit, "train_one_epoch", real)
     capsys.readouterr()
     assert main("first", ["--json_path", cfg, "--checkpoint_every", "2", "--resume"]) == 0
     out = capsys.readouterr().out
@@ -417,9 +419,9 @@ def moved(tmp_path_factory):
     (cwd / "cfg.json").write_text(json.dumps(_config(total_epoch_num=3, sgd_impl="fused")))
     real_save = RunCheckpoint.save
 
-    def save_and_copy_after_epoch_1(self, epoch, *args, **kwargs):
-        real_save(self, epoch, *args, **kwargs)
-        if epoch == 1:
+    def save_and_copy_after_epoch_1(self, loop, *args, **kwargs):
+        real_save(self, loop, *args, **kwargs)
+        if loop.epoch == 1:
             for name in ("moved", "cuda_generator"):
                 shutil.copytree(self.rundir.path, cwd / name / RUN)
     with pytest.MonkeyPatch.context() as mp:

@@ -24,7 +24,8 @@ import torch
 
 from models import build_model
 from utils.config import from_dict
-from utils.objective import decayed_parameters, make_objective, make_optimizer, trained_parameters
+from utils.objective import make_objective
+from utils.params import decayed_parameters, make_optimizer, trained_parameters
 
 K = 10
 # the CUDA variants prove the GPU paths (fused CUDA SGD, the foreach value) where a device exists
@@ -43,11 +44,11 @@ def _cfg(target=None, sgd_impl="for-loop"):
 
 def _setup(cfg, couple_decay: bool, model):
     device = next(model.parameters()).device
-    trained = trained_parameters(model, "first", cfg)
-    decayed = decayed_parameters(model, trained, cfg, GROUPS)
-    objective = make_objective(cfg, COUNTS, decayed, device, classifier=model.classifier,
+    trained = trained_parameters(model, "first", cfg.optim)
+    decayed = decayed_parameters(model, trained, cfg.optim, GROUPS)
+    objective = make_objective(cfg.optim, COUNTS, decayed, device, classifier=model.classifier,
                                couple_decay=couple_decay)
-    return objective, make_optimizer(cfg, [p for _, p in trained], objective)
+    return objective, make_optimizer(cfg.optim, [p for _, p in trained], objective)
 
 
 @pytest.fixture(params=DEVICES)
@@ -147,4 +148,4 @@ def test_optimizer_groups_follow_the_objective(model):
     assert len(plain["params"]) == 2  # the classifier weight and bias: their chosen rows decay explicitly
     assert [d.name for d in objective.explicit_decay] == ["fc3.weight", "fc3.bias"]
     with pytest.raises(ValueError, match="does not train"):
-        make_optimizer(cfg, plain["params"], objective)
+        make_optimizer(cfg.optim, plain["params"], objective)

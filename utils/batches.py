@@ -1,7 +1,8 @@
-"""Batch sources for data that is not a uint8 image tensor in memory.
+"""The three kinds of split the training loop and the evaluation passes read.
 
-The training loop's fast path (utils/train.py) works on :class:`~utils.train.SplitTensors`:
-uint8 images on the device, augmented in batches by :class:`~utils.augment.BatchAugment`.
+* :class:`SplitTensors`, the fast path: uint8 images and labels on the training device,
+  augmented in batches by :class:`~utils.augment.BatchAugment` (the loop slices them).
+
 Two kinds of data do not fit it:
 
 * :class:`FeatureSplit`: a float feature table in memory (Helena), already standardised,
@@ -15,7 +16,7 @@ Both offer the same small interface, the "batch split":
 * ``len(split)`` and ``split.labels`` (int64, on the device, in dataset order);
 * ``epoch_batches(batch_size, shuffle_generator)``: one training epoch,
   ``(x, y, idx)`` with ``x`` float and normalised, ``idx`` the dataset indices (on the
-  device).  The order is :func:`utils.train.batch_slices` of the shuffle generator, as
+  device).  The order is :func:`batch_slices` of the shuffle generator, as
   on the fast path (a trailing batch of one sample is dropped);
 * ``eval_batches(batch_size)``: the split in order, without augmentation;
 * ``subset(start, stop)``: rows start..stop-1 (a rank's evaluation shard under torchrun).
@@ -23,25 +24,66 @@ Both offer the same small interface, the "batch split":
 Under torchrun ``epoch_batches`` yields this rank's part of each global batch as ``x``
 (:func:`utils.distributed.my_bounds`) and the whole global batch's ``y`` and ``idx``.
 
-``train_one_epoch``, ``evaluate`` (utils/train.py) and the final evaluation take
-their batches from any split through ``utils.train.train_batches`` / ``eval_batches``,
-so every kind of data goes through the same training step and the same records.
+``train_one_epoch`` (utils/train.py) and the evaluation passes (utils/evaluation.py) take
+their batches from any split through ``train_batches`` / ``eval_batches``, so every kind of
+data goes through the same training step and the same records.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from utils import distributed as ddp
+from utils import distributed
 from utils.augment import BatchAugment, normalize
 from utils.errors import DataError
-from utils.train import SplitTensors, batch_slices
 
-__all__ = ["FeatureSplit", "FileSplit", "ImageFiles", "make_splits", "n_batches_of"]
+__all__ = ["SplitTensors", "FeatureSplit", "FileSplit", "ImageFiles", "make_splits", "batch_slices",
+           "n_batches_of"]
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class SplitTensors:
+    """The fast path: uint8 images and labels resident on the training device."""
+    images: torch.Tensor  # uint8 N x C x H x W on the device
+    labels: torch.Tensor  # int64 N on the device
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def subset(self, start: int, stop: int) -> "SplitTensors":
+        """Rows start..stop-1 (views, no copy): a rank's shard for evaluation."""
+        return SplitTensors(self.images[start:stop], self.labels[start:stop])
+
+
+def batch_slices(n: int, batch_size: int, generator: torch.Generator,
+                 device: Optional[torch.device] = None) -> list[torch.Tensor]:
+    """A fresh permutation cut into batches; a trailing batch of one sample
+    is dropped for the epoch (BatchNorm cannot train on a single sample).
+
+    The permutation is drawn on the CPU generator (the same order on every
+    device) and copied to ``device`` once per epoch, not once per step.
+    """
+    order = torch.randperm(n, generator=generator)
+    if device is not None:
+        order = order.to(device, non_blocking=True)  # pageable source: staged at once (see params_to)
+    batches = list(torch.split(order, batch_size))
+    if len(batches) > 1 and batches[-1].numel() == 1:
+        batches.pop()
+    return batches
+
+
+def n_batches_of(n: int, batch_size: int) -> int:
+    """How many batches :func:`batch_slices` gives for ``n`` samples."""
+    full, rest = divmod(n, batch_size)
+    count = full + (1 if rest else 0)
+    if count > 1 and rest == 1:
+        count -= 1  # the trailing single sample is dropped
+    return count
 
 
 class FeatureSplit:
@@ -62,7 +104,7 @@ class FeatureSplit:
     def epoch_batches(self, batch_size: int, shuffle_generator: torch.Generator) -> Iterator[Batch]:
         for idx in batch_slices(len(self), batch_size, shuffle_generator):
             idx = idx.to(self.labels.device, non_blocking=True)
-            lo, hi = ddp.my_bounds(idx.shape[0])
+            lo, hi = distributed.my_bounds(idx.shape[0])
             yield self.features[idx[lo:hi]], self.labels[idx], idx
 
     def eval_batches(self, batch_size: int) -> Iterator[Batch]:
@@ -194,7 +236,7 @@ class FileSplit:
         seeds = torch.randint(0, 2 ** 62, (len(self),), generator=shuffle_generator)
         local, start = [], 0  # this rank's (index, seed) part of each batch (one process: the whole batch)
         for b in global_batches:
-            lo, hi = ddp.my_bounds(b.shape[0])
+            lo, hi = distributed.my_bounds(b.shape[0])
             local.append(list(zip(b[lo:hi].tolist(), seeds[start + lo:start + hi].tolist())))
             start += b.shape[0]
         # the last, small batch may leave a rank without images (fewer than the processes)
@@ -251,11 +293,3 @@ def make_splits(data, device: torch.device, num_workers: int = 0):
                       num_workers),
             augment)
 
-
-def n_batches_of(n: int, batch_size: int) -> int:
-    """How many batches :func:`utils.train.batch_slices` gives for ``n`` samples."""
-    full, rest = divmod(n, batch_size)
-    count = full + (1 if rest else 0)
-    if count > 1 and rest == 1:
-        count -= 1  # the trailing single sample is dropped
-    return count

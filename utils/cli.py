@@ -1,7 +1,10 @@
-"""Command lines of first.py and second.py (thin: parse, validate, run).
+"""Command lines of first.py and second.py: parse -> run every seed -> draw its figures.
 
 Every problem with what the user gave (flags, config, environment, files) ends here as one
 line on stderr, ``error: ...``, and exit code 2; see README "Usage" for the exit codes.
+Nothing imports this module.  At import it loads no torch (the parser is built from the
+config dataclasses), so ``--help`` and a bad flag answer at once; the run machinery is
+loaded once the command line has been checked.
 """
 from __future__ import annotations
 
@@ -10,13 +13,15 @@ import difflib
 import errno
 import io
 import os
+import shlex
 import sys
 import warnings
 from typing import Optional, Sequence
 
-from utils.errors import RunDirError, RunInterrupted, TrainingDiverged, UserError
+from utils import runlog
 from utils.config import (ConfigError, add_config_flags, has_control_character, overrides_from_flags, parse_bool,
                           resolve, unencodable)
+from utils.errors import RunDirError, RunInterrupted, TrainingDiverged, UserError
 
 DESCRIPTIONS = {
     "first": "Stage 1: train a backbone on long-tailed data (weight decay, feature regularisation, "
@@ -89,25 +94,13 @@ def _one_line_warning(message, category, filename, lineno, line=None):
     return f"warning: {message}\n"
 
 
-def _rank() -> int:
-    text = os.environ.get("RANK", "0").strip()  # torchrun's; set before the process group exists
-    return int(text) if text.isdigit() else 0
-
-
 def one_line(text: str) -> str:
     """Text with its control characters (a newline in a file name or a flag value) escaped."""
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 def _report(message: str, same_on_every_rank: bool = True) -> None:
-    """Print a final message once: on rank 0, and on the other ranks of a torchrun launch
-    only when it may be their own (not a config error, which every rank shares)."""
-    message = one_line(message)
-    rank = _rank()
-    if rank == 0:
-        print(message, file=sys.stderr, flush=True)
-    elif not same_on_every_rank:
-        print(f"[rank {rank}] {message}", file=sys.stderr, flush=True)
+    runlog.report(one_line(message), same_on_every_rank)
 
 
 # ---------------------------------------------------------------------------
@@ -212,18 +205,45 @@ def configs_from_command_line(stage: str, argv: Sequence[str]):
     return args, configs
 
 
-def _on_every_rank(check) -> None:
-    """Run a check; under torchrun a refusal on one rank stops every rank (none waits forever
-    for a rank that has already left)."""
-    from utils import distributed as ddp
-    failure = None
-    try:
-        check()
-    except UserError as exc:
-        failure = exc
-    if ddp.any_rank(failure is not None):
-        raise failure if failure is not None else RunDirError("another process of this torchrun launch refused the "
-                                                              "run; see its error")
+def check_stage_flags(stage: str, args, base) -> None:
+    """second.py: --retrain and the epochs agree; the run starts from a stage-1 run."""
+    if stage != "second":
+        return
+    epochs = base.optim.total_epoch_num
+    if args.retrain and epochs <= 0:
+        raise ConfigError("--retrain asks for retraining, but optim.total_epoch_num = 0; "
+                          "set it > 0 or drop --retrain to only evaluate")
+    if not args.retrain and epochs > 0:
+        raise ConfigError(f"optim.total_epoch_num = {epochs} but --retrain was not given; add --retrain "
+                          "to retrain the classifier, or set optim.total_epoch_num to 0 to only evaluate")
+    if not base.model.is_pretrained:
+        raise ConfigError("model.is_pretrained = false; stage 2 starts from a stage-1 run "
+                          "(set it to true and point model.pretrained_path at the run)")
+
+
+def check_global_batch(cfg, world_size: int) -> None:
+    """Under torchrun ``data.batch_size`` is the global batch: it must split evenly over the processes."""
+    batch = cfg.data.batch_size
+    if cfg.optim.total_epoch_num > 0 and batch % world_size:
+        lower, upper = batch - batch % world_size, batch + world_size - batch % world_size
+        hint = f"{lower} or {upper}" if lower > 0 else f"{upper}"
+        raise ConfigError(f"data.batch_size = {batch} is the global batch and must divide by the {world_size} "
+                          "processes of this torchrun launch (nnodes x nproc_per_node); use "
+                          f"{hint}, or another number of processes")
+
+
+def resume_command(stage: str, argv) -> str:
+    """The command that continues this one: the same flags with --resume (under torchrun, the
+    same launch; multi-node: also --nnodes and the rendezvous of the first launch)."""
+    from utils import distributed
+
+    args = [a for a in argv if a not in ("--resume", "--overwrite")]
+    c = distributed.context()
+    if c.enabled:
+        nodes = c.world_size // max(c.local_world_size, 1)
+        launcher = ["torchrun"] + ([f"--nnodes={nodes}"] if nodes > 1 else []) + [f"--nproc_per_node={c.local_world_size}"]
+        return shlex.join([*launcher, f"{stage}.py", *args, "--resume"])
+    return shlex.join(["python", f"{stage}.py", *args, "--resume"])
 
 
 # ---------------------------------------------------------------------------
@@ -231,11 +251,13 @@ def _on_every_rank(check) -> None:
 # ---------------------------------------------------------------------------
 
 def main(stage: str, argv: Optional[Sequence[str]] = None) -> int:
-    from utils import distributed as ddp
     try:
         return _main(stage, argv)
     finally:
-        ddp.teardown()
+        # a process group exists only once the run machinery was loaded (never for --help)
+        distributed = sys.modules.get("utils.distributed")
+        if distributed is not None:
+            distributed.teardown()
 
 
 def _main(stage: str, argv: Optional[Sequence[str]] = None) -> int:
@@ -247,53 +269,19 @@ def _main(stage: str, argv: Optional[Sequence[str]] = None) -> int:
     try:
         check_environment()
         args, configs = configs_from_command_line(stage, argv)
-        base = configs[0]
-        if stage == "second":
-            epochs = base.optim.total_epoch_num
-            if args.retrain and epochs <= 0:
-                raise ConfigError("--retrain asks for retraining, but optim.total_epoch_num = 0; "
-                                  "set it > 0 or drop --retrain to only evaluate")
-            if not args.retrain and epochs > 0:
-                raise ConfigError(f"optim.total_epoch_num = {epochs} but --retrain was not given; add --retrain "
-                                  "to retrain the classifier, or set optim.total_epoch_num to 0 to only evaluate")
-            if not base.model.is_pretrained:
-                raise ConfigError("model.is_pretrained = false; stage 2 starts from a stage-1 run "
-                                  "(set it to true and point model.pretrained_path at the run)")
-        check_device(base.device)
-        from utils import distributed as ddp
-        dist = ddp.setup(base.device)  # torchrun: one process group for every seed
-        if dist.enabled:
-            for cfg in configs:
-                ddp.check_global_batch(cfg)
-        from utils.checkpoint import plan_run
-        resume = args.resume or base.load_checkpoint
-
-        plans = []
-
-        def check_every_seed() -> None:  # every seed's directory is checked before any work starts
-            for cfg in configs:  # (its lock by rank 0 only: rank 0 holds it for the launch)
-                plans.append(plan_run(cfg, stage, args.exp_root, resume, args.overwrite, check_only=True,
-                                      locked=not dist.is_main))
-        _on_every_rank(check_every_seed)
-        from utils.pipeline import run
-        allow_unfinished = getattr(args, "allow_unfinished_stage1", False)
-        for cfg, plan in zip(configs, plans):
-            path = run(cfg, stage, exp_root=args.exp_root, resume=resume, overwrite=args.overwrite,
-                       allow_unfinished_stage1=allow_unfinished)
-            if plan.action != "done" and dist.is_main and not args.no_figures:
-                draw_figures(path)
+        check_stage_flags(stage, args, configs[0])
+        check_device(configs[0].device)
+        run_seeds(stage, args, configs)
     except UserError as exc:
         _report(f"error: {exc}", same_on_every_rank=isinstance(exc, ConfigError))
         return EXIT_BAD_INPUT
     except (TrainingDiverged, FloatingPointError) as exc:
-        _report(f"error: {getattr(exc, 'diverged', exc)}")
+        _report(f"error: {exc}")
         return EXIT_DIVERGED
     except RunInterrupted as exc:
-        from utils.checkpoint import resume_command
         _report(f"{exc}. Resume with: {resume_command(stage, argv)}")
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
-        from utils.checkpoint import resume_command
         _report(f"interrupted; the checkpoint of the last completed epoch is kept. Resume with: "
                 f"{resume_command(stage, argv)}")
         return EXIT_INTERRUPTED
@@ -306,6 +294,49 @@ def _main(stage: str, argv: Optional[Sequence[str]] = None) -> int:
                 "then rerun (add --resume to continue a run)", same_on_every_rank=False)
         return EXIT_BAD_INPUT
     return EXIT_OK
+
+
+def run_seeds(stage: str, args, configs) -> None:
+    """Every seed's run directory is checked before any work starts (its lock by rank 0 only:
+    rank 0 holds it for the launch); then each seed runs, and its figures are drawn."""
+    from utils import distributed
+    from utils.pipeline import run
+    from utils.run_plan import plan_run
+
+    base = configs[0]
+    dist = distributed.setup(base.device)  # torchrun: one process group for every seed
+    if dist.enabled:
+        for cfg in configs:
+            check_global_batch(cfg, dist.world_size)
+    resume = args.resume or base.load_checkpoint
+    plans = []
+
+    def check_every_seed() -> None:
+        for cfg in configs:
+            plans.append(plan_run(cfg, stage, args.exp_root, resume, args.overwrite, check_only=True,
+                                  locked=not runlog.speaks()))
+    _on_every_rank(check_every_seed)
+    allow_unfinished = getattr(args, "allow_unfinished_stage1", False)
+    for cfg, plan in zip(configs, plans):
+        path = run(cfg, stage, exp_root=args.exp_root, resume=resume, overwrite=args.overwrite,
+                   allow_unfinished_stage1=allow_unfinished)
+        if plan.action != "done" and runlog.speaks() and not args.no_figures:
+            draw_figures(path)
+
+
+def _on_every_rank(check) -> None:
+    """Run a check; under torchrun a refusal on one rank stops every rank (none waits forever
+    for a rank that has already left)."""
+    from utils import distributed
+
+    failure = None
+    try:
+        check()
+    except UserError as exc:
+        failure = exc
+    if distributed.any_rank(failure is not None):
+        raise failure if failure is not None else RunDirError("another process of this torchrun launch refused the "
+                                                              "run; see its error")
 
 
 def draw_figures(run_dir) -> None:

@@ -1,42 +1,96 @@
-"""Evaluation after training and periodic analysis: accuracy by group, FDR,
-sparsity, confusion matrix, the per-class table and the saved features.
+"""Evaluation passes, in eval mode (BatchNorm running statistics, no augmentation).
 
-The final evaluation runs on the test set, or on the validation set when
-``param_search`` is set (hyper-parameters are then chosen without looking at
-the test set).  With ``data.eval_hflip`` the logits of each image and of its
-horizontal flip are averaged (WB's notebooks average logits, not
-probabilities); features, FDR and sparsity are always those of the plain image.
+:func:`evaluate` gives a split's confusion counts (and, when asked, its features);
+:func:`extract_features` gives the penultimate features of a split, also of its flipped
+images, which :func:`logits_of` re-classifies (WB's flip TTA; the tau sweep classifies the
+same features again for every tau).  Under torchrun each rank runs a contiguous shard of the
+split and the results are combined, so every rank gets the single-process result.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
-from utils import distributed as ddp
+from utils import distributed
 from utils.accel import FastPath
 from utils.augment import BatchAugment
-from utils.metrics import (GROUPS, confusion_counts, fisher_discriminant_ratio, group_accuracy, hoyer_sparsity,
-                           per_class_accuracy)
-from utils.records import class_mean
-from utils.rundir import ACC_FILE, CONFMAT_FILE, FDR_FILE, PER_CLASS_FILE, SPARSITY_FILE, RunDir
-from utils.train import SplitTensors, evaluate, shard_eval_batches
-
-if TYPE_CHECKING:  # pragma: no cover
-    from utils.pipeline import Prepared, RunLog
-
-CLASSIFIER_WEIGHT_FILE = "classifier_weight.npy"
+from utils.batches import SplitTensors
+from utils.metrics import class_averaged_accuracy, confusion_counts, group_accuracy, per_class_accuracy
 
 
-def log_fdr(p: Prepared, writer, train: SplitTensors, val: SplitTensors, augment: BatchAugment,
-            epoch: int) -> None:
-    k = p.data.n_classes
-    bs = p.cfg.data.eval_batch_size
-    for name, split in (("train", train), ("val", val)):
-        result = evaluate(p.model, split, augment, k, bs, want_features=True, fast=p.fast)  # FDR: on the CPU
-        writer.add_scalar(f"FDR/{name}", fisher_discriminant_ratio(result.features, split.labels, k), epoch)
+def eval_batches(split, augment: BatchAugment, batch_size: int):
+    """(x, y) of the split in order, without augmentation."""
+    if isinstance(split, SplitTensors):
+        for start in range(0, len(split), batch_size):
+            yield augment.eval(split.images[start:start + batch_size]), split.labels[start:start + batch_size]
+    else:
+        for x, y, _ in split.eval_batches(batch_size):
+            yield x, y
+
+
+def shard_eval_batches(split, augment: BatchAugment, batch_size: int):
+    """(this rank's shard of the split, its (x, y) batches in order): the whole split in one process.
+
+    A rank whose shard is empty (a split smaller than the number of processes) gets one
+    batch of no rows, cut from the split's first image, so that its outputs still have the
+    feature size and dtype that the gathers pad to."""
+    shard = distributed.my_shard(split)
+    if len(shard) > 0 or len(split) == 0:
+        return shard, eval_batches(shard, augment, batch_size)
+    x, y = next(eval_batches(split.subset(0, 1), augment, 1))
+    return shard, iter([(x[:0], y[:0])])
+
+
+@dataclass
+class EvalResult:
+    counts: torch.Tensor                      # K x K confusion counts (cpu)
+    features: Optional[torch.Tensor] = None   # N x D float32 (cpu, or the device), when asked
+    preds: Optional[torch.Tensor] = None      # N predictions in split order (cpu), when asked
+
+    @property
+    def class_avg_acc(self) -> float:
+        return class_averaged_accuracy(self.counts)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, split, augment: BatchAugment, n_classes: int,
+             batch_size: int, want_features: bool = False, fast: Optional[FastPath] = None,
+             features_on_device: bool = False, want_preds: bool = False) -> EvalResult:
+    """One pass in eval mode (BN running statistics, no augmentation).
+
+    ``features_on_device`` keeps the N x D features where they were computed
+    (for statistics such as the FDR that reduce them on the device).  Under
+    torchrun each rank evaluates a contiguous shard (every image once, no
+    padding); the confusion counts are summed and, when asked, the features and
+    the per-image predictions gathered, so every rank returns the single-process result.
+    """
+    fast = fast or FastPath(device_type=split.labels.device.type)
+    n_total = len(split)
+    labels = split.labels
+    split, batches = shard_eval_batches(split, augment, batch_size)
+    was_training = model.training
+    model.eval()
+    preds, feats = [], []
+    for x, _ in batches:
+        with fast.autocast():
+            h, logits = fast.forward(model, x)
+        preds.append(logits.argmax(dim=1))
+        if want_features:
+            feats.append(h.to(torch.float32, copy=True))  # a compiled forward may reuse h's buffer
+    model.train(was_training)
+    pred = torch.cat(preds) if preds else labels.new_zeros(0)
+    counts = distributed.all_reduce_sum(confusion_counts(pred, split.labels, n_classes)).cpu()
+    features = None
+    if want_features:
+        features = distributed.gather_rows(torch.cat(feats), n_total)
+        if not features_on_device:
+            features = features.cpu()
+    preds = distributed.gather_rows(pred, n_total).cpu() if want_preds else None
+    return EvalResult(counts=counts, features=features, preds=preds)
+
 
 
 @dataclass
@@ -64,8 +118,8 @@ def extract_features(model, split, augment: BatchAugment, batch_size: int, hflip
             if hflip:
                 flipped.append(model.features(fast.layout(x.flip(3))).float())
     model.train(was_training)
-    return Features(ddp.gather_rows(torch.cat(plain), n),
-                    ddp.gather_rows(torch.cat(flipped), n) if hflip else None, labels)
+    return Features(distributed.gather_rows(torch.cat(plain), n),
+                    distributed.gather_rows(torch.cat(flipped), n) if hflip else None, labels)
 
 
 @torch.inference_mode()
@@ -83,64 +137,17 @@ def accuracy_by_group(logits: torch.Tensor, labels: torch.Tensor, groups: list[s
     return group_accuracy(per_class_accuracy(counts).tolist(), groups), counts
 
 
-def final_evaluation(p: Prepared, rundir: RunDir, writer, log: RunLog, train: SplitTensors,
-                     test: SplitTensors, augment: BatchAugment, val: Optional[SplitTensors] = None) -> dict:
-    """Metrics and files of the final model; returns {"acc": {...}, "fdr": {...}}."""
-    cfg = p.cfg
-    k = p.data.n_classes
-    bs = cfg.data.eval_batch_size
-    use_val = cfg.param_search and val is not None
-    split_name = "val" if use_val else "test"
-    evaluated = val if use_val else test
-    model = p.model
-    model.eval()
-    eval_feats = extract_features(model, evaluated, augment, bs, hflip=cfg.data.eval_hflip, fast=p.fast)
-    logits = logits_of(model.classify, eval_feats)
-    train_feats = extract_features(model, train, augment, bs, fast=p.fast).plain.cpu()
-    feats = eval_feats.plain.cpu()
-    labels = evaluated.labels.cpu()
-    train_labels = train.labels.cpu()
-    groups = p.data.groups()
-    acc, counts = accuracy_by_group(logits, evaluated.labels, groups)
-    per_class = per_class_accuracy(counts)
-    rundir.write_json(ACC_FILE, acc)
-    conf = (counts.double() / counts.sum(dim=1, keepdim=True).clamp_min(1)).numpy()
-    rundir.save_npy(CONFMAT_FILE, conf)
-    fdr = {"train": fisher_discriminant_ratio(train_feats, train_labels, k),
-           split_name: fisher_discriminant_ratio(feats, labels, k)}
-    rundir.write_json(FDR_FILE, fdr)
-    sparsity = {"train": float(hoyer_sparsity(train_feats).mean()),
-                split_name: float(hoyer_sparsity(feats).mean())}
-    rundir.write_json(SPARSITY_FILE, sparsity)
-    weight = model.classifier_weight().float().cpu()
-    rundir.save_npy(CLASSIFIER_WEIGHT_FILE, weight.numpy())
-    weight_norm = weight.norm(dim=1)
+@dataclass(frozen=True)
+class EvalPasses:
+    """How a run's evaluation passes run: unaugmented batches of ``augment`` (its normalisation),
+    ``batch_size`` images at a time, under the fast path."""
+    augment: BatchAugment
+    batch_size: int
+    fast: FastPath
 
-    def own_class_cosine(h, y):
-        return F.cosine_similarity(h, weight[y.long()], dim=1)
+    def evaluate(self, model: nn.Module, split, n_classes: int, want_features: bool = False) -> EvalResult:
+        return evaluate(model, split, self.augment, n_classes, self.batch_size, want_features=want_features,
+                        fast=self.fast)
 
-    columns = {
-        f"{split_name}_acc": per_class,
-        "weight_norm": weight_norm,
-        "train_feature_norm": class_mean(train_feats.norm(dim=1), train_labels, k),
-        f"{split_name}_feature_norm": class_mean(feats.norm(dim=1), labels, k),
-        "train_feature_weight_cos": class_mean(own_class_cosine(train_feats, train_labels), train_labels, k),
-        f"{split_name}_feature_weight_cos": class_mean(own_class_cosine(feats, labels), labels, k),
-    }
-    rows = [[c, p.data.class_names[c], p.data.class_counts[c], groups[c]]
-            + [float(v[c]) for v in columns.values()] for c in range(k)]
-    rundir.write_csv(PER_CLASS_FILE, ["class", "name", "n_train", "group"] + list(columns), rows)
-    if cfg.save_features:
-        rundir.save_npy("features_train.npy", train_feats.numpy())
-        rundir.save_npy("labels_train.npy", train_labels.numpy())
-        rundir.save_npy(f"features_{split_name}.npy", feats.numpy())
-        rundir.save_npy(f"labels_{split_name}.npy", labels.numpy())
-    tta = " (flip TTA)" if cfg.data.eval_hflip else ""
-    log.info(f"{split_name} accuracy{tta}: " + ", ".join(f"{g} {acc[g]:.4f}" for g in ("All",) + GROUPS))
-    log.info(f"FDR train {fdr['train']:.3f} {split_name} {fdr[split_name]:.3f}; "
-             f"Hoyer sparsity train {sparsity['train']:.3f} {split_name} {sparsity[split_name]:.3f}")
-    for g in ("All",) + GROUPS:
-        writer.add_scalar(f"{split_name}/acc_{g}", acc[g], 0)
-    writer.add_scalar(f"{split_name}/FDR_train", fdr["train"], 0)
-    writer.add_scalar(f"{split_name}/FDR_{split_name}", fdr[split_name], 0)
-    return {"acc": acc, "fdr": fdr}
+    def features(self, model: nn.Module, split, hflip: bool = False) -> Features:
+        return extract_features(model, split, self.augment, self.batch_size, hflip=hflip, fast=self.fast)

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-GROUPS = ("Many", "Medium", "Few")
+from utils.names import GROUPS
 
 
 def confusion_counts(preds: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -29,14 +29,6 @@ def per_class_accuracy(counts: torch.Tensor) -> torch.Tensor:
 def class_averaged_accuracy(counts: torch.Tensor) -> float:
     """'All' of the papers: the mean of the diagonal of the row-normalised confusion matrix."""
     return float(per_class_accuracy(counts).mean())
-
-
-def class_groups(class_counts: Sequence[int], many_threshold: int, few_threshold: int) -> list[str]:
-    """Many: n_c > many_threshold; Few: n_c < few_threshold; Medium otherwise."""
-    out = []
-    for n in class_counts:
-        out.append("Many" if n > many_threshold else "Few" if n < few_threshold else "Medium")
-    return out
 
 
 def group_accuracy(per_class: Sequence[float], groups: Sequence[str]) -> dict[str, float]:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from models.classifiers import ETFClassifier
+from models.classifiers import classifier_matrix as classifier_weight  # the K x D weight a classifier applies
 
 
 def weight_decay_penalty(params: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -39,11 +40,6 @@ def foreach_penalty(params: list[torch.Tensor]) -> torch.Tensor:
 def feature_penalty(features: torch.Tensor) -> torch.Tensor:
     """mean over the batch of ||h_i||^2 / 2."""
     return 0.5 * features.float().pow(2).sum(dim=1).mean()
-
-
-def classifier_weight(classifier: nn.Module) -> torch.Tensor:
-    """The K x D weight the classifier applies (ETF: directions times norms)."""
-    return classifier.weight() if isinstance(classifier, ETFClassifier) else classifier.weight
 
 
 @torch.no_grad()

@@ -18,10 +18,13 @@ from typing import Optional, Sequence
 
 import pandas as pd
 
+from utils.config_load import read_json_file
 from utils.errors import UserError
+from utils.names import ACC_FILE, ARGS_FILE, CHECKPOINT_FILE, FDR_FILE, GROUPS
+from utils.run_plan import run_state
 
 KEYS = ["dataset", "model", "stage", "exp_name"]
-ACC = ["All", "Many", "Medium", "Few"]
+ACC = ["All", *GROUPS]
 FDR = ["FDR_train", "FDR_test"]
 METRICS = ACC + FDR
 
@@ -31,7 +34,6 @@ class ReportError(UserError):
 
 
 def _read_json(path: Path):
-    from utils.config import read_json_file
     return read_json_file(path, f"{path} is unreadable", ReportError)
 
 
@@ -48,9 +50,8 @@ def _hidden(run: Path, root: Path) -> bool:
 def _unfinished(run: Path) -> str:
     """Why a run with acc.json is not finished ('' if it is): its checkpoint says so (a run killed
     during its final evaluation has written acc.json already)."""
-    if not (run / "checkpoint.ckpt").is_file():
+    if not (run / CHECKPOINT_FILE).is_file():
         return ""  # a run of the published implementation: acc.json is its end
-    from utils.checkpoint import run_state
     state = run_state(run)
     return "" if state.finished else state.describe_unfinished()
 
@@ -66,9 +67,9 @@ def collect_runs(dirs: Sequence[str | Path]) -> pd.DataFrame:
         d = Path(d)
         if not d.is_dir():
             raise ReportError(f"{d} is not a directory; give run directories or folders above them (e.g. exp)")
-        for acc_file in sorted(d.rglob("acc.json")):
+        for acc_file in sorted(d.rglob(ACC_FILE)):
             run = acc_file.parent
-            args_file = run / "args.json"
+            args_file = run / ARGS_FILE
             if not args_file.is_file() or _hidden(run, d):
                 continue
             why = _unfinished(run)
@@ -77,7 +78,7 @@ def collect_runs(dirs: Sequence[str | Path]) -> pd.DataFrame:
                 continue
             args = _read_json(args_file)
             acc = _read_json(acc_file)
-            fdr = _read_json(run / "fdr.json") if (run / "fdr.json").is_file() else {}
+            fdr = _read_json(run / FDR_FILE) if (run / FDR_FILE).is_file() else {}
             try:
                 row = {"dataset": args["data"]["name"], "model": args["model"]["name"],
                        "stage": args.get("project_name", ""), "exp_name": args.get("exp_name", run.parent.name),

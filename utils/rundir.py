@@ -2,7 +2,9 @@
 
 Writes are atomic (temporary file in the same folder, then ``os.replace``),
 so a run that dies never leaves a half-written json, csv or checkpoint.
-Checkpoints are read back with ``weights_only=True`` only.
+Checkpoints are read back with ``weights_only=True`` only.  Under torchrun the
+ranks other than 0 hold a :class:`FollowerRunDir`, whose writers do nothing
+(utils/runlog.py decides which rank writes).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -20,20 +23,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from utils.errors import RunDirError  # noqa: F401  (re-exported)
-
-ARGS_FILE = "args.json"
-BEST_PARAM_FILE = "best.paramOnly"
-ACC_FILE = "acc.json"
-FDR_FILE = "fdr.json"
-SPARSITY_FILE = "sparsity.json"
-CONFMAT_FILE = "confMat.npy"
-TRAIN_LOG_FILE = "train.log"
-BEST_LOG_FILE = "note_bestModel.log"
-METRICS_FILE = "metrics.csv"
-PER_CLASS_FILE = "per_class.csv"
-TRACK_RECORDS_FILE = "trackRecords.ckpt"
-CHECKPOINT_FILE = "checkpoint.ckpt"
+from utils.errors import RunDirError
 
 # mkstemp creates files readable by the owner only; run files get the usual umask permissions.
 _UMASK = os.umask(0)
@@ -171,6 +161,23 @@ class RunDir:
         except OSError as exc:
             raise RunDirError(f"cannot write {self.file(name)}: {exc.strerror or exc}") from None
 
+    # --- renames and deletions inside the run directory ---
+    def replace(self, name: str, target: str) -> None:
+        """Rename ``name`` over ``target`` (atomic: the target is the old file or the new one)."""
+        os.replace(self.file(name), self.file(target))
+
+    def remove(self, name: str) -> None:
+        self.file(name).unlink(missing_ok=True)
+
+    def remove_all(self) -> None:
+        """Delete the whole run directory (a new run that failed before its first checkpoint)."""
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def summary_writer(self, **options):
+        """A TensorBoard SummaryWriter writing into the run directory."""
+        from torch.utils.tensorboard import SummaryWriter  # loaded by the runs that log, not by every import
+        return SummaryWriter(log_dir=str(self.path), **options)
+
 
 def _encodable(text: str) -> bool:
     try:
@@ -216,29 +223,6 @@ def load_state_dict(path: Path, mmap: bool = False) -> Any:
         raise ValueError(f"not a complete torch checkpoint ({type(exc).__name__}: {_first_line(exc)})") from None
 
 
-# What the CIFAR python pickles need (official files and ones written by recent numpy):
-# numpy arrays, their dtypes, and bytes as Python 3 pickles them.  Nothing that runs code.
-DATASET_PICKLE_GLOBALS = frozenset({
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-})
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if (module, name) in DATASET_PICKLE_GLOBALS:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"it names {module}.{name}, which a dataset file never needs (it could run "
-                                     "code); refused without loading it")
-
-
-def restricted_pickle_load(fh, encoding: str = "ASCII") -> Any:
-    """pickle.load for data files: only numpy arrays and plain containers, never code."""
-    return _RestrictedUnpickler(fh, encoding=encoding).load()
-
-
 def _weights_only_reason(exc: BaseException) -> str:
     found = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
     return found.group(1).strip()[:200] if found else _first_line(exc)
@@ -267,4 +251,27 @@ class FollowerRunDir(RunDir):
         return self.file(name)
 
     def append_line(self, name: str, line: str) -> None:
+        return None
+
+    def replace(self, name: str, target: str) -> None:
+        return None
+
+    def remove(self, name: str) -> None:
+        return None
+
+    def remove_all(self) -> None:
+        return None
+
+    def summary_writer(self, **options) -> "NullWriter":
+        return NullWriter()
+
+
+class NullWriter:
+    """TensorBoard's SummaryWriter for the ranks that do not write: every attribute, and every
+    attribute of those (``writer.file_writer.add_summary``), is a call that does nothing."""
+
+    def __getattr__(self, name):
+        return self
+
+    def __call__(self, *args, **kwargs) -> None:
         return None

@@ -106,6 +106,11 @@ def _read_owner(path: Path) -> Optional[LockOwner]:
         return None
 
 
+def lock_refusal(run_dir: Path, owner: Optional[LockOwner]) -> RunDirError:
+    """The one-line refusal of a run directory that ``owner`` holds."""
+    return _refusal(run_dir, lock_path(run_dir), owner)
+
+
 def _refusal(run_dir: Path, lock: Path, owner: Optional[LockOwner]) -> RunDirError:
     if owner is None:
         return RunDirError(f"run directory {run_dir} is in use by another process (lock file {lock}); wait for it "
@@ -256,10 +261,6 @@ class RunLock:
                 folder.rmdir()  # only if empty: a run that started keeps its folders
             except OSError:
                 break
-        self._created = []
-
-    def keep_folders(self) -> None:
-        """The run has started: its folders stay when the lock is released."""
         self._created = []
 
     def __enter__(self) -> "RunLock":

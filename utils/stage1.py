@@ -16,9 +16,13 @@ import torch
 
 from models.backbone_options import reinit_bn_weights
 from models.classifiers import etf_state_to_linear, linear_state_to_etf
-from utils.config import Config, ConfigError, from_dict, read_json_file
-from utils.errors import Stage1Error  # noqa: F401  (re-exported)
-from utils.rundir import ARGS_FILE, BEST_PARAM_FILE, load_state_dict
+from utils.config_load import from_dict, read_json_file
+from utils.config_schema import Config, ModelConfig
+from utils.errors import ConfigError, Stage1Error
+from utils.names import ARGS_FILE, BEST_PARAM_FILE
+from utils.rundir import load_state_dict
+from utils.run_plan import run_state
+from utils.runlock import live_owner
 
 CLASSIFIER_PREFIX = "encoder.fc."
 
@@ -74,8 +78,6 @@ def read_stage1(cfg: Config, allow_unfinished: bool = False) -> Stage1Run:
 def _check_finished(run: Path, allow_unfinished: bool) -> str:
     """A stage-1 run still training (its lock is live) or not finished is refused unless asked;
     with ``allow_unfinished`` returns what is loaded, for the run log."""
-    from utils.checkpoint import run_state
-    from utils.runlock import live_owner
     owner = live_owner(run)
     state = run_state(run)
     if owner is None and state.finished:
@@ -135,17 +137,17 @@ def _load_checkpoint(ckpt: Path) -> dict:
     return dict(state)
 
 
-def apply_bn_weight_init(model: torch.nn.Module, cfg: Config) -> list[str]:
+def apply_bn_weight_init(model: torch.nn.Module, m: ModelConfig, seed: int) -> list[str]:
     """``model.modify_bn_weight``: re-draw the BN scales of a freshly built model.
 
     The ``pretrained`` distribution reads ``<pretrained_path>/<seed>/best.paramOnly``
     (any earlier run of the same network) and sets ``w = pretrained_gamma * w_run
     + pretrained_beta`` for every BN.  Returns the BN modules changed.
     """
-    m = cfg.model
+    source = Path(m.pretrained_path) / str(seed) / BEST_PARAM_FILE
     state = None
     if m.bn_weight_init_distribution == "pretrained":
-        state = _load_checkpoint(Path(m.pretrained_path) / str(cfg.seeds) / BEST_PARAM_FILE)
+        state = _load_checkpoint(source)
     groups = model.named_parameter_groups()
     identity = {name.rsplit(".", 1)[0] for name, _ in groups.get("identity_bn", [])}
     try:
@@ -156,7 +158,6 @@ def apply_bn_weight_init(model: torch.nn.Module, cfg: Config) -> list[str]:
             include_identity=m.init_identity_bn, identity_bn_names=identity,
             pretrained_state=state, gamma=m.pretrained_gamma, beta=m.pretrained_beta)
     except (KeyError, ValueError) as exc:
-        source = Path(m.pretrained_path) / str(cfg.seeds) / BEST_PARAM_FILE
         raise Stage1Error(f"model.modify_bn_weight from {source}: {exc.args[0]}") from None
 
 

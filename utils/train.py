@@ -1,9 +1,9 @@
-"""The training loop and evaluation passes, shared by both stages.
+"""One training epoch and its step, shared by both stages.
 
-The loop returns plain per-epoch records; writers (CSV, TensorBoard, logs)
-consume them.  Data lives on the training device as uint8 tensors; batches
-are sliced from a per-epoch permutation and augmented on the device, with
-crop and flip parameters drawn on a CPU generator.  Loss and accuracy are
+An epoch returns a plain record; writers (CSV, TensorBoard, logs) consume it.
+Data lives on the training device as uint8 tensors; batches are sliced from a
+per-epoch permutation and augmented on the device, with crop and flip
+parameters drawn on a CPU generator.  Loss and accuracy are
 accumulated on the device and read once per epoch (plus every
 ``progress_every`` steps when a progress bar is shown): no training step
 waits for the device (tests/test_host_syncs.py checks it).  Forward passes
@@ -16,17 +16,18 @@ import itertools
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
+from utils import distributed
 from utils.accel import CUDAGRAPH_MODES, FastPath
 from utils.augment import BatchAugment, params_to
-from utils import distributed as ddp
+from utils.batches import SplitTensors, batch_slices, n_batches_of
 from utils.errors import DataError
-from utils.metrics import class_averaged_accuracy, confusion_counts
+from utils.metrics import class_averaged_accuracy
 
 try:
     from tqdm import tqdm
@@ -44,20 +45,6 @@ def cosine_lr(base_lr: float, epoch: int, total_epochs: int) -> float:
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * epoch / total_epochs))
 
 
-@dataclass
-class SplitTensors:
-    """The fast path: uint8 images and labels resident on the training device."""
-    images: torch.Tensor  # uint8 N x C x H x W on the device
-    labels: torch.Tensor  # int64 N on the device
-
-    def __len__(self) -> int:
-        return self.labels.shape[0]
-
-    def subset(self, start: int, stop: int) -> "SplitTensors":
-        """Rows start..stop-1 (views, no copy): a rank's shard for evaluation."""
-        return SplitTensors(self.images[start:stop], self.labels[start:stop])
-
-
 def _augmented_batches(split: SplitTensors, batches: list[torch.Tensor], state: "TrainState"):
     """(this rank's augmented images, labels, indices) of each global batch.
 
@@ -67,7 +54,7 @@ def _augmented_batches(split: SplitTensors, batches: list[torch.Tensor], state: 
     same order)."""
     device = split.labels.device
     for idx in batches:
-        lo, hi = ddp.my_bounds(idx.shape[0])
+        lo, hi = distributed.my_bounds(idx.shape[0])
         packed = state.augment.draw_params(idx.shape[0], state.augment_generator)
         dy, dx, flip = params_to(packed[:, lo:hi], device)
         x = state.augment.apply(split.images[idx[lo:hi]], dy, dx, flip, validate=False)
@@ -87,82 +74,10 @@ def train_batches(split, state: "TrainState", max_steps: Optional[int] = None):
         batches = batch_slices(len(split), state.batch_size, state.shuffle_generator, split.labels.device)
         batches = batches[:max_steps] if max_steps is not None else batches
         return len(batches), _augmented_batches(split, batches, state)
-    from utils.batches import n_batches_of
     n = n_batches_of(len(split), state.batch_size)
     if max_steps is not None:
         n = min(n, max_steps)
     return n, itertools.islice(split.epoch_batches(state.batch_size, state.shuffle_generator), n)
-
-
-def eval_batches(split, augment: BatchAugment, batch_size: int):
-    """(x, y) of the split in order, without augmentation."""
-    if isinstance(split, SplitTensors):
-        for start in range(0, len(split), batch_size):
-            yield augment.eval(split.images[start:start + batch_size]), split.labels[start:start + batch_size]
-    else:
-        for x, y, _ in split.eval_batches(batch_size):
-            yield x, y
-
-
-def shard_eval_batches(split, augment: BatchAugment, batch_size: int):
-    """(this rank's shard of the split, its (x, y) batches in order): the whole split in one process.
-
-    A rank whose shard is empty (a split smaller than the number of processes) gets one
-    batch of no rows, cut from the split's first image, so that its outputs still have the
-    feature size and dtype that the gathers pad to."""
-    shard = ddp.my_shard(split)
-    if len(shard) > 0 or len(split) == 0:
-        return shard, eval_batches(shard, augment, batch_size)
-    x, y = next(eval_batches(split.subset(0, 1), augment, 1))
-    return shard, iter([(x[:0], y[:0])])
-
-
-@dataclass
-class EvalResult:
-    counts: torch.Tensor                      # K x K confusion counts (cpu)
-    preds: torch.Tensor                       # N (cpu)
-    features: Optional[torch.Tensor] = None   # N x D float32 (cpu, or the device), when asked
-
-    @property
-    def class_avg_acc(self) -> float:
-        return class_averaged_accuracy(self.counts)
-
-
-@torch.inference_mode()
-def evaluate(model: nn.Module, split, augment: BatchAugment, n_classes: int,
-             batch_size: int, want_features: bool = False, fast: Optional[FastPath] = None,
-             features_on_device: bool = False) -> EvalResult:
-    """One pass in eval mode (BN running statistics, no augmentation).
-
-    ``features_on_device`` keeps the N x D features where they were computed
-    (for statistics such as the FDR that reduce them on the device).  Under
-    torchrun each rank evaluates a contiguous shard (every image once, no
-    padding); the confusion counts are summed and predictions and features
-    gathered, so every rank returns the single-process result.
-    """
-    fast = fast or FastPath(device_type=split.labels.device.type)
-    n_total = len(split)
-    labels = split.labels
-    split, batches = shard_eval_batches(split, augment, batch_size)
-    was_training = model.training
-    model.eval()
-    preds, feats = [], []
-    for x, _ in batches:
-        with fast.autocast():
-            h, logits = fast.forward(model, x)
-        preds.append(logits.argmax(dim=1))
-        if want_features:
-            feats.append(h.to(torch.float32, copy=True))  # a compiled forward may reuse h's buffer
-    model.train(was_training)
-    pred = torch.cat(preds) if preds else labels.new_zeros(0)
-    counts = ddp.all_reduce_sum(confusion_counts(pred, split.labels, n_classes)).cpu()
-    pred = ddp.gather_rows(pred, n_total)
-    features = None
-    if want_features:
-        features = ddp.gather_rows(torch.cat(feats), n_total)
-        if not features_on_device:
-            features = features.cpu()
-    return EvalResult(counts=counts, preds=pred.cpu(), features=features)
 
 
 @dataclass
@@ -181,6 +96,18 @@ class TrainState:
     fast: FastPath = field(default_factory=FastPath)
     forward: Optional[Callable] = None  # (features, logits) = forward(x): the DDP module under torchrun
     project_every_epoch: Optional[Callable[[], None]] = None  # MaxNorm once per epoch (fit calls it)
+    # checks every step's loss (and gradients) and applies or skips the optimizer step (utils/guard.py)
+    guard: Optional["StepGuard"] = None
+
+
+class StepGuard(Protocol):
+    """What :func:`train_step` asks of a guard (utils/guard.py ``NonFiniteGuard``)."""
+
+    def check_terms(self, terms: dict) -> dict:
+        """The step's loss terms, checked (and zeroed where the step will be skipped)."""
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """``optimizer.step()``, or not, as the check decided."""
 
 
 def accumulate_confusion(counts: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor) -> None:
@@ -194,23 +121,6 @@ def accumulate_confusion(counts: torch.Tensor, preds: torch.Tensor, labels: torc
     counts.view(-1).scatter_add_(0, flat, torch.ones_like(flat))
 
 
-def batch_slices(n: int, batch_size: int, generator: torch.Generator,
-                 device: Optional[torch.device] = None) -> list[torch.Tensor]:
-    """A fresh permutation cut into batches; a trailing batch of one sample
-    is dropped for the epoch (BatchNorm cannot train on a single sample).
-
-    The permutation is drawn on the CPU generator (the same order on every
-    device) and copied to ``device`` once per epoch, not once per step.
-    """
-    order = torch.randperm(n, generator=generator)
-    if device is not None:
-        order = order.to(device, non_blocking=True)  # pageable source: staged at once (see params_to)
-    batches = list(torch.split(order, batch_size))
-    if len(batches) > 1 and batches[-1].numel() == 1:
-        batches.pop()
-    return batches
-
-
 def train_step(model: nn.Module, state: TrainState, x: torch.Tensor, y: torch.Tensor):
     """One optimisation step on a batch: (loss, named terms, logits), nothing read back."""
     fast = state.fast
@@ -220,14 +130,20 @@ def train_step(model: nn.Module, state: TrainState, x: torch.Tensor, y: torch.Te
                 torch.compiler.cudagraph_mark_step_begin()  # as FastPath.forward: CUDA graphs reuse outputs
             h, logits = state.forward(fast.layout(x))
             # the loss of the global batch, from every rank's outputs (utils/distributed.py)
-            h, logits = ddp.gather_rows_autograd(h, y.shape[0]), ddp.gather_rows_autograd(logits, y.shape[0])
+            h = distributed.gather_rows_autograd(h, y.shape[0])
+            logits = distributed.gather_rows_autograd(logits, y.shape[0])
         else:
             h, logits = fast.forward(model, x)
         terms = state.objective(logits, y, h)
+        if state.guard is not None:
+            terms = state.guard.check_terms(terms)
         loss = sum(terms.values())
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    state.optimizer.step()
+    if state.guard is not None:
+        state.guard.step(state.optimizer)
+    else:
+        state.optimizer.step()
     if state.after_step is not None:
         state.after_step()
     return loss, terms, logits
@@ -282,7 +198,8 @@ class EpochTotals:
 
 def train_one_epoch(model: nn.Module, split, state: TrainState, epoch: int,
                     total_epochs: int, show_progress: bool = True, max_steps: Optional[int] = None) -> dict:
-    """One pass over the shuffled training set (``max_steps``: stop early; for benchmarks).
+    """One pass over the shuffled training set (``max_steps``: stop early; for benchmarks;
+    ``show_progress``: a progress bar on stderr, which the caller gives to one process).
 
     Returns ``record`` (the epoch's metrics.csv values), the per-image ``correct`` and
     ``sample_loss``, ``step_loss`` and ``images``, the number of images trained (global
@@ -291,7 +208,7 @@ def train_one_epoch(model: nn.Module, split, state: TrainState, epoch: int,
     n_batches, batches = train_batches(split, state, max_steps)
     totals = EpochTotals(len(split), n_batches, state.n_classes, split.labels.device)
     bar = None
-    if show_progress and tqdm is not None and ddp.context().is_main:
+    if show_progress and tqdm is not None:
         bar = tqdm(total=n_batches, desc=f"epoch {epoch}/{total_epochs}", leave=False,
                    disable=None, file=sys.stderr, dynamic_ncols=True)
     for step, (x, y, idx) in enumerate(batches, start=1):
