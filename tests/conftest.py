@@ -11,6 +11,12 @@ if str(ROOT) not in sys.path:
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+# The tiny network of the tests of the run machinery (resume, bad input, outputs, locks, the tau
+# sweep...): about 3 k weights, built and trained in milliseconds. ResNet18 stays where its
+# state-dict keys or the BatchNorm of a conv net are what a test checks.
+TINY_MODEL = {"name": "BNMLP", "mlp_features_d": 32, "mlp_hlayer_n": 1}
+TINY_EXP = Path("exp/Digits/BNMLP")
+
 
 def digits_config(exp_name, project_name="first", epochs=2, model=None, optim=None, **top):
     """A small Digits-LT config in the original's layout."""
@@ -24,6 +30,48 @@ def digits_config(exp_name, project_name="first", epochs=2, model=None, optim=No
     cfg["optim"].update(optim or {})
     cfg.update(top)
     return cfg
+
+
+def tiny_config(exp_name, project_name="first", epochs=2, model=None, optim=None, **top):
+    """digits_config with the tiny network."""
+    return digits_config(exp_name, project_name, epochs, model={**TINY_MODEL, **(model or {})}, optim=optim, **top)
+
+
+# Figures: first.py/second.py draw a dozen figures after every run (seconds a run); only the
+# tests marked `figures` look at them, so every other in-process run skips them as --no_figures
+# would (subprocess runs pass --no_figures themselves).
+_FIGURES = {"draw": False}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _figures_switch():
+    import utils.cli as cli
+    real = cli.draw_figures
+
+    def draw_figures(run_dir):
+        if _FIGURES["draw"]:
+            real(run_dir)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli, "draw_figures", draw_figures)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _figures_where_marked(request):
+    _FIGURES["draw"] = request.node.get_closest_marker("figures") is not None
+    yield
+    _FIGURES["draw"] = False
+
+
+@pytest.fixture(scope="session")
+def stage1_run(tmp_path_factory):
+    """One finished stage-1 run (first.py in-process: the tiny network, 2 epochs, features saved),
+    shared by the tests that only read it; a test that damages or extends it works on a copy."""
+    from utils.cli import main
+    cwd = tmp_path_factory.mktemp("stage1")
+    (cwd / "s1.json").write_text(json.dumps(tiny_config("s1", save_features=True)))
+    assert main("first", ["--json_path", str(cwd / "s1.json"), "--exp_root", str(cwd / "exp"), "--no_figures"]) == 0
+    return cwd / "exp/Digits/BNMLP/first/s1/0"
 
 
 @pytest.fixture

@@ -26,13 +26,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 
-from tests.conftest import ROOT, digits_config
+from tests.conftest import ROOT, TINY_MODEL, digits_config
 from utils import ddp as global_bn
 from utils import distributed as ddp
 from utils.rundir import FollowerRunDir
@@ -43,6 +44,10 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 WORKER = str(ROOT / "tests" / "dist_worker.py")
 LOSS_RTOL = 1e-5
 WEIGHT_TOL = 1e-3
+TINY = {**TINY_MODEL, "activation_type": "relu"}  # the small networks are built with ReLU only
+STAGE1 = Path("Digits/BNMLP/first/first")  # exp_name "first" and "second" under each exp root
+STAGE2 = Path("Digits/BNMLP/second/second")
+STEP_PAUSE_S = "0.2"  # tests/paced_cli.py: the crashed launch's epoch of 6 steps lasts about 1.2 s
 
 
 def _env(**extra: str) -> dict:
@@ -78,11 +83,6 @@ def _launch(args: list[str], nproc: int, timeout: int = 300) -> None:
             proc.kill()
     for rank, (proc, output) in enumerate(zip(procs, outputs)):
         assert proc.returncode == 0, f"rank {rank}: {output[-3000:]}"
-
-
-def _python(args: list[str], timeout: int = 300):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def _ok(result) -> None:
@@ -370,23 +370,130 @@ def test_feature_and_file_batches_split_into_the_one_process_batch(monkeypatch, 
 
 
 # ---------------------------------------------------------------------------
-# Under torchrun --nproc_per_node=2 (gloo)
+# Under torchrun --nproc_per_node=2 (gloo): four launches for the whole module
 # ---------------------------------------------------------------------------
 
+def _plan(tmp: Path, name: str, jobs: list) -> str:
+    path = tmp / f"{name}.plan.json"
+    path.write_text(json.dumps(jobs))
+    return str(path)
+
+
+def _cli_result(out: str, world: int) -> SimpleNamespace:
+    """A CLI job of tests/dist_worker.py: rank 0's exit status, every rank's output in rank order."""
+    ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(world)]
+    return SimpleNamespace(returncode=ranks[0]["rc"], stdout="".join(r["stdout"] for r in ranks),
+                           stderr="".join(r["stderr"] for r in ranks))
+
+
+def _crash(tmp: Path, first: str) -> dict:
+    """A torchrun launch of stage 1 (each step held, tests/paced_cli.py) whose every process is
+    killed (SIGKILL) once epoch 1's checkpoint exists."""
+    from utils.checkpoint import read_checkpoint
+
+    root = tmp / "crash"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "paced_cli.py"), STEP_PAUSE_S, "first", "--json_path", first, "--exp_root", str(root)]
+    run = root / STAGE1 / "0"
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            ckpt = run / "checkpoint.ckpt"
+            if ckpt.is_file():
+                try:
+                    if read_checkpoint(ckpt, mmap=True).get("epoch", 0) >= 1:
+                        break
+                except Exception:  # noqa: BLE001 - being replaced; look again
+                    pass
+            time.sleep(0.05)
+        alive = proc.poll() is None
+        ended = "" if alive else proc.stderr.read()[-2000:]
+    finally:
+        victims = [proc.pid] + _descendants(proc.pid)  # torchrun starts its workers in their own sessions
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=60)
+    time.sleep(0.5)
+    return {"root": root, "run": run, "alive_at_kill": alive, "ended": ended,
+            "acc_after_kill": (run / "acc.json").exists()}
+
+
 @pytest.fixture(scope="module")
-def worker_runs(tmp_path_factory):
-    """tests/dist_worker.py (evaluate, then 6 training steps) with one process, with two, with two
-    without synchronised BatchNorm (the control), and with one forced through the distributed code."""
-    tmp = tmp_path_factory.mktemp("ddp_worker")
-    config = _config(tmp, "steps", optim={"base_lr": 0.05, "weight_decay": 5e-3})
+def launches(tmp_path_factory):
+    """Every launch of the module's torchrun tests, each a list of jobs (tests/dist_worker.py):
+
+    * a torchrun launch of stage 1 killed after epoch 1 (the crash, resumed below);
+    * torchrun --nproc_per_node=1, one process: 6 training steps, stage 1, stage 2 (CB + MaxNorm
+      retraining), then with WB_FORCE_DISTRIBUTED=1 the 6 steps through the distributed code;
+    * torchrun --nproc_per_node=2: a global batch that does not divide (refused), 6 steps with
+      and without synchronised BatchNorm (the control), stage 1, stage 2, the crashed run's --resume.
+
+    The steps run ResNet18 (BatchNorm2d over the global batch, ELU: see the module docstring);
+    the stages run the tiny network (2 epochs each)."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    steps = _config(tmp, "steps", optim={"base_lr": 0.05, "weight_decay": 5e-3})
     control = _config(tmp, "nosync", optim={"base_lr": 0.05, "weight_decay": 5e-3}, sync_bn=False)
+    first = _config(tmp, "first", epochs=2, model=dict(TINY),
+                    optim={"base_lr": 0.05, "weight_decay": 5e-3, "fdr_every": 2})
+    second = _config(tmp, "second", project_name="second", epochs=2,
+                     model={**TINY, "is_pretrained": True, "pretrained_path": "unused"},
+                     optim={"base_lr": 0.05, "weight_decay": 1e-3, "loss_type": "CB", "norm_type": "maxnorm",
+                            "norm_param": 1.0, "fdr_every": 0})
+    odd = _config(tmp, "odd")
+    crash = _crash(tmp, first)
+
+    def stages(name: str) -> list:
+        root = tmp / name
+        stage1 = root / STAGE1
+        return [{"cli": "first", "argv": ["--json_path", first, "--exp_root", str(root), "--no_figures"],
+                 "out": str(tmp / f"{name}.first")},
+                {"cli": "second", "argv": ["--json_path", second, "--exp_root", str(root), "--retrain",
+                                           "--model_pretrained_path", str(stage1), "--no_figures"],
+                 "out": str(tmp / f"{name}.second")}]
     one, two, nosync, forced = (str(tmp / f) for f in ("one.pt", "two.pt", "nosync.pt", "forced.pt"))
-    _ok(_python([WORKER, "6", config, one]))
-    _ok(_torchrun([WORKER, "6", config, two, control, nosync]))  # one launch, both configs
-    _ok(_torchrun([WORKER, "6", config, forced], nproc=1, env={ddp.FORCE_ENV: "1"}))
-    return tuple(torch.load(p, weights_only=True) for p in (one, two, nosync, forced))
+    _ok(_torchrun([WORKER, _plan(tmp, "one", [{"steps": 6, "config": steps, "out": one}, *stages("one"),
+                                              {"force": True}, {"steps": 6, "config": steps, "out": forced}])],
+                  nproc=1))
+    _ok(_torchrun([WORKER, _plan(tmp, "two", [
+        {"cli": "first", "argv": ["--json_path", odd, "--exp_root", str(tmp / "odd"), "--data_batch_size", "63"],
+         "out": str(tmp / "odd")},
+        {"steps": 6, "config": steps, "out": two}, {"steps": 6, "config": control, "out": nosync},
+        *stages("two"),
+        {"cli": "first", "argv": ["--json_path", first, "--exp_root", str(crash["root"]), "--resume", "--no_figures"],
+         "out": str(tmp / "resumed")}])]))
+    out = {"tmp": tmp, "first": first, "crash": crash,
+           "workers": tuple(torch.load(p, weights_only=True) for p in (one, two, nosync, forced)),
+           "odd": _cli_result(str(tmp / "odd"), 2), "resumed": _cli_result(str(tmp / "resumed"), 2)}
+    for name, world in (("one", 1), ("two", 2)):
+        root = tmp / name
+        first_run, second_run = (_ok_run(_cli_result(str(tmp / f"{name}.{stage}"), world))
+                                 for stage in ("first", "second"))
+        out[name] = {"first": root / STAGE1 / "0", "second": root / STAGE2 / "0",
+                     "stdout": first_run.stdout + second_run.stdout}
+    return out
 
 
+@pytest.fixture(scope="module")
+def worker_runs(launches):
+    """tests/dist_worker.py's steps (evaluate, then 6 training steps) with one process, with two,
+    with two without synchronised BatchNorm (the control), and with one forced through the
+    distributed code."""
+    return launches["workers"]
+
+
+@pytest.fixture(scope="module")
+def runs(launches):
+    """Stage 1 (2 epochs) and stage 2 (CB + MaxNorm retraining, 2 epochs) with one process and
+    with torchrun --nproc_per_node=2."""
+    return launches
+
+
+@pytest.mark.slow
 def test_training_steps_match_one_process_with_the_same_global_batch(worker_runs):
     # Digits-LT at imb_factor 0.05 has 341 training images: 5 batches of 64 and one of 21,
     # which the two ranks split 11 / 10 (the uneven path).
@@ -403,9 +510,10 @@ def test_training_steps_match_one_process_with_the_same_global_batch(worker_runs
     assert _update_distance(a["weights"], c["weights"], a["initial"]) > 10 * WEIGHT_TOL
 
 
+@pytest.mark.slow
 def test_forced_one_process_launch_runs_the_distributed_code_with_the_plain_numbers(worker_runs):
-    """WB_FORCE_DISTRIBUTED=1 torchrun --nproc_per_node=1: DDP, global-batch BatchNorm, the
-    gathers and sharded evaluation run, and give the plain run's numbers."""
+    """WB_FORCE_DISTRIBUTED=1 in a torchrun --nproc_per_node=1 launch: DDP, global-batch BatchNorm,
+    the gathers and sharded evaluation run, and give the plain run's numbers."""
     plain, forced = worker_runs[0], worker_runs[3]
     assert int(forced["world_size"]) == 1 and bool(forced["ddp_forward"]) and int(forced["global_batch_bn"]) > 0
     assert not bool(plain["ddp_forward"]) and int(plain["global_batch_bn"]) == 0
@@ -415,6 +523,7 @@ def test_forced_one_process_launch_runs_the_distributed_code_with_the_plain_numb
     assert torch.equal(forced["eval"]["counts"], plain["eval"]["counts"])
 
 
+@pytest.mark.slow
 def test_global_batchnorm_and_evaluation_with_a_rank_that_gets_nothing(tmp_path):
     """Three processes: a BatchNorm batch of 2 rows (1 + 1 + 0) and a test split of 2 images
     (the third rank's shard is empty), with both BatchNorm implementations (tests/shard_worker.py)."""
@@ -434,6 +543,7 @@ def test_global_batchnorm_and_evaluation_with_a_rank_that_gets_nothing(tmp_path)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_distributed_evaluation_counts_every_test_image_once(worker_runs):
     # the Digits-LT test split has 597 images: 299 + 298 on two ranks
     a, b = worker_runs[0]["eval"], worker_runs[1]["eval"]
@@ -443,28 +553,6 @@ def test_distributed_evaluation_counts_every_test_image_once(worker_runs):
     for key in ("features", "plain", "flipped"):  # gathered in dataset order
         assert b[key].shape == a[key].shape
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5)
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Stage 1 (2 epochs) and stage 2 (CB + MaxNorm retraining, 2 epochs) with one process and
-    with torchrun --nproc_per_node=2."""
-    tmp = tmp_path_factory.mktemp("ddp_runs")
-    first = _config(tmp, "first", epochs=2, optim={"base_lr": 0.05, "weight_decay": 5e-3, "fdr_every": 2})
-    second = _config(tmp, "second", project_name="second", epochs=2,
-                     model={"is_pretrained": True, "pretrained_path": "unused"},
-                     optim={"base_lr": 0.05, "weight_decay": 1e-3, "loss_type": "CB", "norm_type": "maxnorm",
-                            "norm_param": 1.0, "fdr_every": 0})
-    out = {"tmp": tmp, "first": first}
-    for name, launch in (("one", _python), ("two", _torchrun)):
-        root = tmp / name
-        first_run = _ok_run(launch(["first.py", "--json_path", first, "--exp_root", str(root)]))
-        stage1 = root / "Digits" / "ResNet18" / "first" / "first"
-        second_run = _ok_run(launch(["second.py", "--json_path", second, "--exp_root", str(root), "--retrain",
-                                     "--model_pretrained_path", str(stage1)]))
-        out[name] = {"first": stage1 / "0", "second": root / "Digits" / "ResNet18" / "second" / "second" / "0",
-                     "stdout": first_run.stdout + second_run.stdout}
-    return out
 
 
 def _descendants(pid: int) -> list[int]:
@@ -510,6 +598,7 @@ def _assert_same_results(a: Path, b: Path) -> None:
         torch.testing.assert_close(wb[key], wa[key], rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_both_stages_under_torchrun_give_the_single_process_results(runs):
     for stage in ("first", "second"):
         _assert_same_results(runs["one"][stage], runs["two"][stage])
@@ -520,6 +609,7 @@ def test_both_stages_under_torchrun_give_the_single_process_results(runs):
     assert torch.equal(tb["correct"], ta["correct"])
 
 
+@pytest.mark.slow
 def test_only_rank_zero_writes_and_speaks(runs):
     for stage in ("first", "second"):
         one, two = runs["one"][stage], runs["two"][stage]
@@ -533,50 +623,23 @@ def test_only_rank_zero_writes_and_speaks(runs):
     assert runs["two"]["stdout"].count("run directory:") == 2  # one per stage, from rank 0 only
 
 
+@pytest.mark.slow
 def test_resume_under_torchrun_after_a_crash(runs):
     """Every process of a torchrun launch is killed (SIGKILL) once epoch 1's checkpoint exists;
     ``--resume`` under torchrun then finishes with the results of the uninterrupted launch."""
-    from utils.checkpoint import read_checkpoint
-
-    root = runs["tmp"] / "crash"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "first.py", "--json_path", runs["first"], "--exp_root", str(root)]
-    run = root / "Digits" / "ResNet18" / "first" / "first" / "0"
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            ckpt = run / "checkpoint.ckpt"
-            if ckpt.is_file():
-                try:
-                    if read_checkpoint(ckpt, mmap=True).get("epoch", 0) >= 1:
-                        break
-                except Exception:  # noqa: BLE001 - being replaced; look again
-                    pass
-            time.sleep(0.05)
-        assert proc.poll() is None, "the launch ended before it could be killed: " + proc.stderr.read()[-2000:]
-    finally:
-        victims = [proc.pid] + _descendants(proc.pid)  # torchrun starts its workers in their own sessions
-        for pid in victims:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait(timeout=60)
-    time.sleep(0.5)
-    assert not (run / "acc.json").exists()
-    resumed = _torchrun(["first.py", "--json_path", runs["first"], "--exp_root", str(root), "--resume"])
+    crash = runs["crash"]
+    assert crash["alive_at_kill"], "the launch ended before it could be killed: " + crash["ended"]
+    assert not crash["acc_after_kill"]
+    resumed = runs["resumed"]
     _ok(resumed)
     assert "resuming" in resumed.stdout and resumed.stdout.count("resuming") == 1
-    _assert_same_results(runs["two"]["first"], run)
+    _assert_same_results(runs["two"]["first"], crash["run"])
 
 
-def test_global_batch_that_does_not_divide_is_refused_once(tmp_path):
-    config = _config(tmp_path, "odd")
-    result = _torchrun(["first.py", "--json_path", config, "--exp_root", str(tmp_path / "exp"),
-                        "--data_batch_size", "63"])
+@pytest.mark.slow
+def test_global_batch_that_does_not_divide_is_refused_once(runs):
+    result = runs["odd"]
     assert result.returncode != 0
     message = "error: data.batch_size = 63 is the global batch and must divide by the 2 processes"
     assert result.stderr.count(message) == 1, result.stderr[-2000:]  # rank 0 says it, once
-    assert not (tmp_path / "exp").exists()
+    assert not (runs["tmp"] / "odd").exists()

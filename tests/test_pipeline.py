@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import digits_config
+from tests.conftest import TINY_EXP, digits_config, tiny_config
 from utils.cli import main
 
 EXP = Path("exp/Digits/ResNet18")
@@ -79,7 +79,8 @@ def test_paper_method_two_stages_write_every_file(in_tmp, write_json, capsys):
 
 
 def test_wb_two_stages_retrain_only_the_classifier(in_tmp, write_json):
-    first = write_json("wb1.json", digits_config("wd", epochs=1, optim={"weight_decay": 5e-3}))
+    # 2 epochs: the cosine schedule is stepped first, so a 1-epoch stage 1 would train at lr 0
+    first = write_json("wb1.json", digits_config("wd", epochs=2, optim={"weight_decay": 5e-3}))
     assert main("first", ["--json_path", first]) == 0
     stage1 = torch.load(in_tmp / EXP / "first/wd/0/best.paramOnly", weights_only=True)
     second = write_json("wb2.json", digits_config(
@@ -116,29 +117,17 @@ def test_wb_two_stages_retrain_only_the_classifier(in_tmp, write_json):
     assert (state["encoder.fc.weight"].norm(dim=1) <= threshold + 1e-5).all()
 
 
-# The refusal tests share one real stage-1 run (first.py, a tiny MLP, no figures), copied per test.
-SMALL = {"name": "BNMLP", "mlp_features_d": 16, "mlp_hlayer_n": 1}
-SMALL_EXP = Path("exp/Digits/BNMLP")
-
-
-@pytest.fixture(scope="module")
-def stage1_template(tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("stage1")
-    (cwd / "s1.json").write_text(json.dumps(digits_config("s1", model=dict(SMALL))))
-    assert main("first", ["--json_path", str(cwd / "s1.json"), "--exp_root", str(cwd / "exp"), "--no_figures"]) == 0
-    return cwd / "exp/Digits/BNMLP/first/s1/0"
-
-
+# The refusal tests copy the session's stage-1 run (conftest.stage1_run: first.py, the tiny network).
 def _stage1_run(in_tmp, template):
     import shutil
-    run = in_tmp / SMALL_EXP / "first/s1/0"
+    run = in_tmp / TINY_EXP / "first/s1/0"
     shutil.copytree(template, run)
     return run
 
 
 def _second(write_json, **model):
-    cfg = digits_config("s2", "second", epochs=0,
-                        model={**SMALL, "is_pretrained": True, "pretrained_path": str(SMALL_EXP / "first/s1"), **model})
+    cfg = tiny_config("s2", "second", epochs=0,
+                      model={"is_pretrained": True, "pretrained_path": str(TINY_EXP / "first/s1"), **model})
     return write_json("s2.json", cfg)
 
 
@@ -151,13 +140,13 @@ def _second(write_json, **model):
     (lambda run: ((run / "checkpoint.ckpt").unlink(), (run / "acc.json").unlink()),
      "has not finished (no checkpoint.ckpt and no acc.json)"),
 ])
-def test_stage2_refuses_broken_stage1_run(in_tmp, write_json, capsys, stage1_template, damage, message):
-    run = _stage1_run(in_tmp, stage1_template)
+def test_stage2_refuses_broken_stage1_run(in_tmp, write_json, capsys, stage1_run, damage, message):
+    run = _stage1_run(in_tmp, stage1_run)
     damage(run)
     capsys.readouterr()
     assert main("second", ["--json_path", _second(write_json)]) == 2
     assert message in capsys.readouterr().err
-    assert not (in_tmp / SMALL_EXP / "second").exists()
+    assert not (in_tmp / TINY_EXP / "second").exists()
 
 
 class _Exploit:
@@ -165,8 +154,8 @@ class _Exploit:
         return (print, ("pwned",))
 
 
-def test_stage2_refuses_checkpoint_that_would_run_code(in_tmp, write_json, capsys, stage1_template):
-    run = _stage1_run(in_tmp, stage1_template)
+def test_stage2_refuses_checkpoint_that_would_run_code(in_tmp, write_json, capsys, stage1_run):
+    run = _stage1_run(in_tmp, stage1_run)
     torch.save({"fc.weight": _Exploit()}, run / "best.paramOnly")
     capsys.readouterr()
     assert main("second", ["--json_path", _second(write_json)]) == 2
@@ -174,8 +163,8 @@ def test_stage2_refuses_checkpoint_that_would_run_code(in_tmp, write_json, capsy
     assert "not a plain weights-only state_dict" in captured.err and "pwned" not in captured.out
 
 
-def test_stage2_refuses_other_class_count_and_missing_run(in_tmp, write_json, capsys, stage1_template):
-    run = _stage1_run(in_tmp, stage1_template)
+def test_stage2_refuses_other_class_count_and_missing_run(in_tmp, write_json, capsys, stage1_run):
+    run = _stage1_run(in_tmp, stage1_run)
     args = json.loads((run / "args.json").read_text())
     args["data"]["n_classes"] = 100
     (run / "args.json").write_text(json.dumps(args))
@@ -188,7 +177,7 @@ def test_stage2_refuses_other_class_count_and_missing_run(in_tmp, write_json, ca
     assert "used data.imb_factor = 0.02, but this run has 0.05" in capsys.readouterr().err
     assert main("second", ["--json_path", _second(write_json, pretrained_path="exp/nowhere")]) == 2
     assert "stage-1 run directory exp/nowhere/0 not found" in capsys.readouterr().err
-    assert not (in_tmp / SMALL_EXP / "second").exists()
+    assert not (in_tmp / TINY_EXP / "second").exists()
 
 
 def test_stage2_reads_an_original_style_run(in_tmp, write_json):
