@@ -47,6 +47,7 @@ def test_records_helpers_by_hand():
     assert g[2].tolist() == pytest.approx([0.4, 0.0, 0.6])
 
 
+@pytest.mark.figures
 def test_every_plot_of_a_two_stage_run(tmp_path, write_json):
     exp = tmp_path / "exp"
     first = write_json("p1.json", digits_config("p1", epochs=2))
