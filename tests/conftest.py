@@ -39,8 +39,9 @@ def tiny_config(exp_name, project_name="first", epochs=2, model=None, optim=None
 
 # Figures: first.py/second.py draw a dozen figures after every run (seconds a run); only the
 # tests marked `figures` look at them, so every other in-process run skips them as --no_figures
-# would (subprocess runs pass --no_figures themselves).
-_FIGURES = {"draw": False}
+# would (subprocess runs pass --no_figures themselves).  ``@pytest.mark.figures(runs=("name",))``
+# draws them only for the runs of those experiment names (the figures of one run take seconds).
+_FIGURES = {"draw": False, "runs": None}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -49,7 +50,8 @@ def _figures_switch():
     real = cli.draw_figures
 
     def draw_figures(run_dir):
-        if _FIGURES["draw"]:
+        runs = _FIGURES["runs"]
+        if _FIGURES["draw"] and (runs is None or Path(run_dir).parent.name in runs):
             real(run_dir)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cli, "draw_figures", draw_figures)
@@ -58,9 +60,10 @@ def _figures_switch():
 
 @pytest.fixture(autouse=True)
 def _figures_where_marked(request):
-    _FIGURES["draw"] = request.node.get_closest_marker("figures") is not None
+    marker = request.node.get_closest_marker("figures")
+    _FIGURES["draw"], _FIGURES["runs"] = marker is not None, marker.kwargs.get("runs") if marker else None
     yield
-    _FIGURES["draw"] = False
+    _FIGURES["draw"], _FIGURES["runs"] = False, None
 
 
 @pytest.fixture(scope="session")

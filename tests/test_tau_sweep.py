@@ -43,7 +43,7 @@ def _read(path):
         return list(csv.DictReader(fh))
 
 
-@pytest.mark.figures
+@pytest.mark.figures(runs=("sweep",))
 def test_sweep_picks_best_validation_tau_and_matches_single_runs(tmp_path, write_json):
     exp = tmp_path / "exp"
     first = write_json("s1.json", digits_config("s1", epochs=1))
