@@ -240,7 +240,41 @@ def test_resolve_threads(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert resolve_threads(0) == 1
     monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(accel, "others_running", lambda: 0)
     assert resolve_threads(0) == accel.available_cores() >= 1
+
+
+@pytest.mark.parametrize("cores, processes, busy, threads", [
+    (2, None, 0, 2), (2, None, 1, 1), (2, None, 5, 1), (16, None, 3, 13), (16, "4", 0, 4), (16, "4", 14, 2),
+    (2, "3", 0, 1)])
+def test_auto_threads_leave_busy_cores_and_share_among_local_processes(monkeypatch, cores, processes, busy, threads):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    if processes is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", processes)
+    monkeypatch.setattr(accel, "available_cores", lambda: cores)
+    monkeypatch.setattr(accel, "others_running", lambda: busy)
+    choice = accel.choose_threads(0)
+    assert int(choice.value) == threads
+    assert f"{cores} cores" in choice.reason and (f"{busy} threads of other work" in choice.reason) == (busy > 0)
+
+
+def test_others_running_reads_the_kernels_runnable_count(monkeypatch, tmp_path):
+    import builtins
+    readings = iter(["procs_running 3\n", "procs_running 1\n", "procs_running 4\n", "procs_running 3\n",
+                     "procs_running 2\n"])
+    real_open = builtins.open
+
+    def fake_open(path, *a, **k):
+        if path == "/proc/stat":
+            f = tmp_path / "stat"
+            f.write_text("cpu  1 2 3\n" + next(readings))
+            return real_open(f, *a, **k)
+        return real_open(path, *a, **k)
+    monkeypatch.setattr(builtins, "open", fake_open)
+    assert accel.others_running(interval_s=0) == 2  # the median of 2, 0, 3, 2, 1 (the reader is not other work)
 
 
 def test_config_keys_match_accel_choices():
@@ -319,7 +353,7 @@ def test_stage1_run_with_bf16_channels_last_foreach(tmp_path, monkeypatch, write
                                                  precision="bf16", memory_format="channels_last", num_threads=1))
     assert main("first", ["--json_path", path, "--seeds", "0"]) == 0
     out = capsys.readouterr().out
-    assert "precision bf16, memory format channels_last, compile off, 1 CPU threads" in out
+    assert "precision bf16, memory format channels_last, compile off, 1 CPU threads (num_threads)" in out
     run = tmp_path / "exp/Digits/ResNet18/first/fast/0"
     args = json.loads((run / "args.json").read_text())
     assert (args["precision"], args["memory_format"], args["optim"]["sgd_impl"]) == ("bf16", "channels_last", "foreach")

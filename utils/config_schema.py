@@ -167,7 +167,7 @@ class Config:
                             ("auto", "channels_last", "contiguous"))
     compile: str = _f("off", "torch.compile mode of the forward pass (off = eager)",
                       ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
-    num_threads: int = _f(0, "CPU threads (0 = OMP_NUM_THREADS if set, else the cores available)", check="threads")
+    num_threads: int = _f(0, "CPU threads (0 = OMP_NUM_THREADS if set, else the free cores: this process's share less those busy with other work)", check="threads")
     sync_bn: bool = _f(True, "under torchrun: BatchNorm statistics of the global batch, over all processes "
                              "(false: each process's own part; one process: no effect)")
     data: DataConfig = field(default_factory=DataConfig)

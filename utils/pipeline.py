@@ -168,7 +168,7 @@ def args_record(cfg: Config, eval_batch_size: int) -> dict:
 def _log_setup(p: Prepared) -> None:
     cfg, dist = p.cfg, distributed.context()
     log.info(f"python {sys.version.split()[0]}, torch {torch.__version__}, device {p.device}")
-    log.info(f"{p.fast.describe()}, {torch.get_num_threads()} CPU threads")
+    log.info(f"{p.fast.describe()}, {torch.get_num_threads()} CPU threads ({p.threads.reason or 'num_threads'})")
     if dist.enabled:
         log.info(f"distributed: {dist.describe()}; global batch {cfg.data.batch_size} = {dist.world_size} x "
                  f"{cfg.data.batch_size // dist.world_size}; BatchNorm statistics "

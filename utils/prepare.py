@@ -17,7 +17,7 @@ from torch import nn
 
 from models import build_model
 from utils import distributed
-from utils.accel import FastPath, keep_freed_memory, make_fast_path, resolve_eval_batch_size, resolve_threads
+from utils.accel import Choice, FastPath, choose_threads, keep_freed_memory, make_fast_path, resolve_eval_batch_size
 from utils.augment import BatchAugment
 from utils.config_schema import Config, ModelConfig
 from utils.data import load_dataset
@@ -45,6 +45,7 @@ class Prepared:
     stage1: Optional[Stage1Run]
     fast: FastPath = field(default_factory=FastPath)
     eval_batch_size: int = 64  # data.eval_batch_size resolved for this device (0 = auto)
+    threads: Choice = field(default_factory=lambda: Choice("1"))  # num_threads resolved, and why
 
 
 # ---------------------------------------------------------------------------
@@ -79,7 +80,8 @@ def use_device(name: str) -> torch.device:
 def prepare(cfg: Config, stage: str, allow_unfinished_stage1: bool = False) -> Prepared:
     """Everything that can fail on bad input, before anything is written."""
     device = use_device(cfg.device)
-    torch.set_num_threads(resolve_threads(cfg.num_threads))
+    threads = choose_threads(cfg.num_threads)
+    torch.set_num_threads(int(threads.value))
     if device.type == "cpu":
         keep_freed_memory()
     seed_everything(cfg.seeds)
@@ -97,7 +99,7 @@ def prepare(cfg: Config, stage: str, allow_unfinished_stage1: bool = False) -> P
     if cfg.optim.norm_type in ("L2", "tau"):
         normalise_classifier(model.classifier, cfg.optim.norm_type, norm_param(cfg.optim))
     fast = make_fast_path(model, device, cfg.precision, cfg.memory_format, cfg.compile)
-    return Prepared(cfg, stage, device, data, model, stage1, fast, eval_batch_size)
+    return Prepared(cfg, stage, device, data, model, stage1, fast, eval_batch_size, threads)
 
 
 def _model_on_device(cfg: Config, data: LTData, stage1: Optional[Stage1Run], device: torch.device) -> nn.Module:
