@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from utils import ddp as global_bn  # noqa: E402
+from utils.engine import ddp as global_bn  # noqa: E402
 from utils import distributed as ddp  # noqa: E402
 
 Row = tuple[str, bool, str]

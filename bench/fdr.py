@@ -1,4 +1,4 @@
-"""Time Fisher's discriminant ratio (utils/metrics.py) against the formula it replaced.
+"""Time Fisher's discriminant ratio (utils/engine/metrics.py) against the formula it replaced.
 
     python bench/fdr.py                      # D = 512 (ResNet34, CIFAR-100-LT train) and 2048 (ResNeXt50, ImageNet-LT val)
     python bench/fdr.py --threads 1 2 --repeat 3
@@ -20,13 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from utils.metrics import fisher_discriminant_ratio  # noqa: E402
+from utils.engine.metrics import fisher_discriminant_ratio  # noqa: E402
 
 SHAPES = {512: (10_847, 100), 2048: (20_000, 1000)}  # D: (N, K)
 
 
 def fdr_before(features: torch.Tensor, labels: torch.Tensor, n_classes: int) -> float:
-    """utils/metrics.py's fisher_discriminant_ratio before this change, as it was."""
+    """utils/engine/metrics.py's fisher_discriminant_ratio before this change, as it was."""
     feats = features.double()
     labels = labels.long().to(feats.device)
     tol = feats.mean().abs() * 1e-3

@@ -391,7 +391,7 @@ def metrics_rows(run: Path) -> list[dict]:
 
 def strict_fp32() -> str:
     """The precision that turns TF32 off where this checkout has it (else plain fp32)."""
-    from utils.accel import PRECISIONS
+    from utils.engine.accel import PRECISIONS
     return "fp32-strict" if "fp32-strict" in PRECISIONS else "fp32"
 
 
@@ -406,12 +406,12 @@ def step_losses(ctx: Context, flags: list[str], steps: int) -> tuple[torch.Tenso
     """(per-step losses, seconds) of the first ``steps`` steps of stage 1, built as a run builds
     it (prepare, make_train_state) from the seed-0 weights and generators: two calls with
     different speed settings train the same weights on the same augmented batches."""
-    from utils.determinism import apply_determinism
+    from utils.run.determinism import apply_determinism
     from utils.cli import build_parser
     from utils.config import overrides_from_flags, resolve
-    from utils.batches import make_splits
-    from utils.prepare import make_train_state, prepare
-    from utils.train import cosine_lr, train_one_epoch
+    from utils.data.batches import make_splits
+    from utils.run.prepare import make_train_state, prepare
+    from utils.engine.train import cosine_lr, train_one_epoch
     argv = ctx.stage_argv(FIRST_JSON, ctx.work / "unused", *ctx.sizes.numerics_flags, *flags)
     cfg = resolve("first", str(FIRST_JSON), overrides_from_flags(build_parser("first").parse_args(argv)))
     apply_determinism(False)
@@ -458,8 +458,8 @@ def fp32_rtol(ctx: Context) -> float:
 # ---------------------------------------------------------------------------
 
 def check_environment(ctx: Context) -> str:
-    from utils.accel import resolve_channels_last, resolve_eval_batch_size, resolve_precision, sgd_kwargs
-    from utils.determinism import apply_determinism
+    from utils.engine.accel import resolve_channels_last, resolve_eval_batch_size, resolve_precision, sgd_kwargs
+    from utils.run.determinism import apply_determinism
     d = ctx.device
     apply_determinism(False)
     auto = {"precision": {None: "fp32", torch.bfloat16: "bf16"}.get(resolve_precision("auto", d), "?"),
@@ -505,7 +505,7 @@ def write_synthetic_cifar100(root: Path, train_per_class: int, test_per_class: i
 
 
 def check_synthetic_data(ctx: Context) -> str:
-    from utils.data import VAL_PER_CLASS, load_dataset, long_tailed_counts
+    from utils.data.datasets import VAL_PER_CLASS, load_dataset, long_tailed_counts
     s = ctx.sizes
     folder = write_synthetic_cifar100(ctx.data_root, s.train_per_class, s.test_per_class)
     data = load_dataset("Cifar100", ctx.data_root, "exp", s.imb_factor, 100, download=False)
@@ -603,7 +603,7 @@ def _check_compile(ctx: Context, mode: str) -> str:
         compiled, compiled_s = step_losses(ctx, ["--compile", mode], steps)
     finally:
         torch._dynamo.reset()
-    from utils.accel import resolve_precision
+    from utils.engine.accel import resolve_precision
     rtol = BF16_RTOL if resolve_precision("auto", ctx.device) is not None else fp32_rtol(ctx)
     compile_s = compiled_s - eager_s
     ctx.figures[f"compile_{mode}"] = {"compiled": compiled.tolist(), "eager": eager.tolist(), "rtol": rtol,
@@ -623,12 +623,12 @@ def check_host_syncs(ctx: Context) -> str:
     """Synchronising CUDA calls per training step: counted over two short epochs, so the
     per-epoch read-back (the losses, the confusion matrix) cancels out."""
     _needs_data(ctx)
-    from utils.determinism import apply_determinism
+    from utils.run.determinism import apply_determinism
     from utils.cli import build_parser
     from utils.config import overrides_from_flags, resolve
-    from utils.batches import make_splits
-    from utils.prepare import make_train_state, prepare
-    from utils.train import train_one_epoch
+    from utils.data.batches import make_splits
+    from utils.run.prepare import make_train_state, prepare
+    from utils.engine.train import train_one_epoch
     argv = ctx.stage_argv(FIRST_JSON, ctx.work / "unused")
     cfg = resolve("first", str(FIRST_JSON), overrides_from_flags(build_parser("first").parse_args(argv)))
     apply_determinism(False)
@@ -732,7 +732,7 @@ def check_kill_resume(ctx: Context) -> str:
                         "--no-figures", "first", *ctx.stage_argv(FIRST_JSON, killed_exp, *base)], "killed run")
     expect_rc(ctx.run_stage("first", ctx.stage_argv(FIRST_JSON, ref_exp, *base)), 0, "the uninterrupted run")
     expect_rc(ctx.wait(killed), -signal.SIGKILL, "the killed run")
-    from utils.checkpoint import read_checkpoint
+    from utils.run.checkpoint import read_checkpoint
     run = run_dir(killed_exp, "first")
     if (run / "acc.json").exists():
         raise Fail("the killed run wrote acc.json: it was not killed mid-run")

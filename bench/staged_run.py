@@ -63,8 +63,8 @@ class _ActAtStep:
 @contextlib.contextmanager
 def stop_at(epoch: int, step: int, action: Callable[[], None]):
     """Run ``action`` (raise KeyboardInterrupt, SIGKILL this process...) at ``step`` of ``epoch``."""
-    import utils.pipeline  # noqa: F401  (imports every module that calls the training loop)
-    from utils.train import train_one_epoch
+    import utils.run.pipeline  # noqa: F401  (imports every module that calls the training loop)
+    from utils.engine.train import train_one_epoch
 
     def train_one_epoch_with_stop(model, split, state, epoch_now, *args, **kwargs):
         if epoch_now != epoch:

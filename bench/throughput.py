@@ -9,7 +9,7 @@ training images in the exp/0.01 long-tailed profile over 100 classes, 2,000
 validation images), the model and objective of jsons/Cifar100/first.json
 (ETF classifier, weight decay 5e-3, feature regularisation 1e-2).
 
-A = utils/train.py as the runs use it: the dataset resident on the device as
+A = utils/engine/train.py as the runs use it: the dataset resident on the device as
 uint8, batched on-device augmentation, the FastPath (precision, memory
 format, compile), the configured SGD implementation, loss and accuracy
 accumulated on the device.  B = bench/naive.py (PIL per image in DataLoader
@@ -57,19 +57,19 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from bench.naive import NaiveTrainer, eval_transform, make_loader, train_transform  # noqa: E402
-from utils.accel import (COMPILE_MODES, MEMORY_FORMATS, PRECISIONS, SGD_IMPLS, FastPath, keep_freed_memory,  # noqa: E402
+from utils.engine.accel import (COMPILE_MODES, MEMORY_FORMATS, PRECISIONS, SGD_IMPLS, FastPath, keep_freed_memory,  # noqa: E402
                          make_fast_path, resolve_channels_last, resolve_eval_batch_size, resolve_precision,
                          resolve_threads, sgd_kwargs)
-from utils.augment import BatchAugment  # noqa: E402
-from utils.determinism import apply_determinism  # noqa: E402
+from utils.data.augment import BatchAugment  # noqa: E402
+from utils.run.determinism import apply_determinism  # noqa: E402
 from utils.config import from_dict, load_json  # noqa: E402
-from utils.data import long_tailed_counts  # noqa: E402
-from utils.batches import SplitTensors  # noqa: E402
-from utils.evaluation import evaluate  # noqa: E402
-from utils.objective import make_objective  # noqa: E402
-from utils.params import make_optimizer, trained_parameters  # noqa: E402
-from utils.prepare import make_model  # noqa: E402
-from utils.train import TrainState, train_one_epoch  # noqa: E402
+from utils.data.datasets import long_tailed_counts  # noqa: E402
+from utils.data.batches import SplitTensors  # noqa: E402
+from utils.engine.evaluation import evaluate  # noqa: E402
+from utils.engine.objective import make_objective  # noqa: E402
+from utils.engine.params import make_optimizer, trained_parameters  # noqa: E402
+from utils.run.prepare import make_model  # noqa: E402
+from utils.engine.train import TrainState, train_one_epoch  # noqa: E402
 
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2023, 0.1994, 0.2010)
 N_CLASSES, VAL_PER_CLASS = 100, 20
@@ -209,7 +209,7 @@ class Measurement:
 
 
 def epoch_batch_sizes(n_images: int, batch_size: int) -> list[int]:
-    """The batch sizes of one training epoch, as utils.train.batch_slices cuts it
+    """The batch sizes of one training epoch, as utils.engine.train.batch_slices cuts it
     (full batches, then the remainder; a trailing batch of one image is dropped)."""
     sizes = [batch_size] * (n_images // batch_size) + ([n_images % batch_size] if n_images % batch_size else [])
     if len(sizes) > 1 and sizes[-1] == 1:

@@ -87,12 +87,12 @@ def write_json(tmp_path):
 
 
 def fill_disk(monkeypatch, name: str, nth: int = 1, after_bytes: int = 4096) -> None:
-    """The nth write of the run file ``name`` through the one write path (utils/rundir.py) fails
+    """The nth write of the run file ``name`` through the one write path (utils/run/rundir.py) fails
     with ENOSPC once ``after_bytes`` are written, as a full disk would part-way through."""
     import errno
     import io
 
-    from utils import rundir
+    from utils.run import rundir
     real = rundir._open_temporary
     count = {"n": 0}
 

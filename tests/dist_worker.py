@@ -35,12 +35,12 @@ import torch  # noqa: E402
 
 from utils import cli  # noqa: E402
 from utils import distributed as ddp  # noqa: E402
-from utils.batches import make_splits  # noqa: E402
+from utils.data.batches import make_splits  # noqa: E402
 from utils.config import resolve  # noqa: E402
-from utils.ddp import _GlobalBatchStats  # noqa: E402
-from utils.evaluation import evaluate, extract_features  # noqa: E402
-from utils.prepare import make_train_state, prepare  # noqa: E402
-from utils.train import train_one_epoch  # noqa: E402
+from utils.engine.ddp import _GlobalBatchStats  # noqa: E402
+from utils.engine.evaluation import evaluate, extract_features  # noqa: E402
+from utils.run.prepare import make_train_state, prepare  # noqa: E402
+from utils.engine.train import train_one_epoch  # noqa: E402
 
 
 def run_steps(config: str, steps: int, path: str) -> None:

@@ -26,12 +26,12 @@ from torch import nn  # noqa: E402
 from models import build_model  # noqa: E402
 from models.backbone_options import OneParamBN  # noqa: E402
 from tests.bn_kernels import KERNELS  # noqa: E402
-from utils import ddp as global_bn  # noqa: E402
+from utils.engine import ddp as global_bn  # noqa: E402
 from utils import distributed as ddp  # noqa: E402
-from utils.augment import BatchAugment  # noqa: E402
-from utils.evaluation import extract_features  # noqa: E402
-from utils.batches import SplitTensors  # noqa: E402
-from utils.evaluation import evaluate  # noqa: E402
+from utils.data.augment import BatchAugment  # noqa: E402
+from utils.engine.evaluation import extract_features  # noqa: E402
+from utils.data.batches import SplitTensors  # noqa: E402
+from utils.engine.evaluation import evaluate  # noqa: E402
 
 CASES = {"bn2d": (lambda: nn.BatchNorm2d(4), (2, 4, 3, 3)),
          "bn2d_7": (lambda: nn.BatchNorm2d(4), (7, 4, 3, 3)),

@@ -1,4 +1,4 @@
-"""Tests for utils/augment.py: batched zero-pad random crop + horizontal flip + normalisation."""
+"""Tests for utils/data/augment.py: batched zero-pad random crop + horizontal flip + normalisation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.augment import BatchAugment, normalize
+from utils.data.augment import BatchAugment, normalize
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
@@ -148,7 +148,7 @@ def test_apply_rejects_bad_offsets_and_dtype():
 def test_packed_params_are_the_same_draws_in_the_same_order():
     """The training loop draws (dy, dx, flip) on a CPU generator as one (3, n) tensor and copies
     it to the device once: the same numbers as three separate draws, in that order."""
-    from utils.augment import params_to
+    from utils.data.augment import params_to
     aug = BatchAugment(MEAN, STD, crop_padding=4, hflip=True, device="cpu")
     packed = aug.draw_params(50, torch.Generator().manual_seed(9))
     assert packed.shape == (3, 50) and packed.dtype == torch.int64

@@ -77,7 +77,7 @@ def _stage1(c, args_change=None, finished=True):
 
 
 def _marker(path, raw, finished, **extra):
-    from utils.checkpoint import _marker as marker
+    from utils.run.checkpoint import _marker as marker
     from utils.config import from_dict
     cfg = from_dict(raw)
     torch.save(marker(cfg, None, finished=finished, **extra), path)
@@ -136,7 +136,7 @@ def _exploit_bytes(c):
 
 def _lock(c, run_rel, host=None, pid=None):
     """A lock file as a run holding the directory writes it (this process: alive)."""
-    from utils.runlock import LockOwner, lock_path
+    from utils.run.runlock import LockOwner, lock_path
     me = LockOwner.me()
     owner = LockOwner(pid=pid or me.pid, host=host or me.host, started="2025-01-01T00:00:00+00:00",
                       process_start=me.process_start if pid is None else None, command="first.py ...")
@@ -315,13 +315,13 @@ def _best_weights_gone(c):
 
 
 def _oom_at_build(c):
-    import utils.prepare as prepare
+    import utils.run.prepare as prepare
     c.mp.setattr(prepare, "build_model", _raise_oom)
     return _first(c)
 
 
 def _oom_at_first_step(c):
-    import utils.fit as fit
+    import utils.run.fit as fit
     c.mp.setattr(fit, "train_one_epoch", _raise_oom)
     return _first(c)
 
@@ -545,7 +545,7 @@ def _snapshot(root: Path) -> dict:
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(case_id, stage, setup, message, stage1_state,
                                                             tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    import utils.pipeline as pipeline
+    import utils.run.pipeline as pipeline
     monkeypatch.setattr("utils.cli.draw_figures", lambda run_dir: None)  # no row gets there; if one did, fast
     argv = setup(Ctx(tmp_path, stage1_state, monkeypatch))
     before = _snapshot(tmp_path)

@@ -8,7 +8,7 @@ import torch
 
 from bench import throughput
 from tests.conftest import ROOT
-from utils.train import SplitTensors
+from utils.engine.train import SplitTensors
 
 N_IMAGES, BATCH = 100, 16  # 6 full batches + one of 4
 

@@ -1,4 +1,4 @@
-"""Tests for utils/data.py: long-tailed splits of CIFAR-10/100 (fake pickles written to tmp) and Digits."""
+"""Tests for utils/data/datasets.py: long-tailed splits of CIFAR-10/100 (fake pickles written to tmp) and Digits."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.data import (
+from utils.data.datasets import (
     DIGITS_MEAN,
     DIGITS_STD,
     DataError,

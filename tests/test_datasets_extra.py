@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from utils.cli import main
-from utils.data import load_dataset
+from utils.data.datasets import load_dataset
 from utils.errors import DataError
 
 HELENA_OLD_SIZES = {0: 60, 1: 503, 2: 250}  # old label -> rows; renumbered by size: 1 -> 0, 2 -> 1, 0 -> 2
@@ -173,8 +173,8 @@ def test_imagenet_lt_missing_image_folder_names_it(tmp_path):
 
 
 def test_file_split_batches_are_224_normalised_and_ordered(tmp_path):
-    from utils.batches import make_splits
-    from utils.train import batch_slices
+    from utils.data.batches import make_splits
+    from utils.engine.train import batch_slices
 
     _make_imagenet(tmp_path)
     data = load_dataset("ImageNet", tmp_path, "exp", 0.01, 3)
@@ -203,7 +203,7 @@ def test_file_split_batches_are_224_normalised_and_ordered(tmp_path):
 
 
 def test_unreadable_image_is_a_data_error_naming_it(tmp_path):
-    from utils.batches import make_splits
+    from utils.data.batches import make_splits
 
     _make_imagenet(tmp_path)
     data = load_dataset("ImageNet", tmp_path, "exp", 0.01, 3)
@@ -245,7 +245,7 @@ def test_mini_imagenet_split_files(tmp_path, val_name):
 
 
 def test_mini_imagenet_split_files_generated_from_the_class_list(tmp_path, capsys):
-    from utils.imagenet_lt import make_mini_imagenet_splits, mini_imagenet_counts
+    from utils.data.imagenet_lt import make_mini_imagenet_splits, mini_imagenet_counts
 
     folder = tmp_path / "mini_imagenet"
     folder.mkdir()
@@ -290,7 +290,7 @@ def test_mini_imagenet_one_epoch_end_to_end(in_tmp, write_json):
 # ---------------------------------------------------------------------------
 
 def test_helena_renumbering_splits_counts_and_standardisation(tmp_path):
-    from utils.extra_datasets import HELENA_MEAN, HELENA_STD
+    from utils.data.extra_datasets import HELENA_MEAN, HELENA_STD
 
     labels, feats, valid, test = _make_helena(tmp_path)
     data = load_dataset("Helena", tmp_path, "exp", 0.01, 3)
@@ -432,8 +432,8 @@ def test_mnist_one_epoch_end_to_end(in_tmp, write_json, model):
 
 @pytest.mark.parametrize("n,bs", [(10, 4), (9, 4), (8, 4), (1, 4), (4, 4), (5, 4)])
 def test_batch_count_matches_batch_slices(n, bs):
-    from utils.batches import n_batches_of
-    from utils.train import batch_slices
+    from utils.data.batches import n_batches_of
+    from utils.engine.train import batch_slices
 
     assert n_batches_of(n, bs) == len(batch_slices(n, bs, torch.Generator().manual_seed(0)))
 
@@ -441,7 +441,7 @@ def test_batch_count_matches_batch_slices(n, bs):
 def _random_file_split(tmp_path: Path, num_workers: int, n: int = 11):
     """A FileSplit of ``n`` small distinct images with random crops and flips."""
     from torchvision import transforms as T
-    from utils.batches import FileSplit
+    from utils.data.batches import FileSplit
 
     paths = []
     for i in range(n):
@@ -462,7 +462,7 @@ def _epochs(split, generator: torch.Generator, epochs: int) -> list[list[torch.T
 
 
 def test_file_split_images_do_not_depend_on_the_worker_count_and_resume_exactly(tmp_path, monkeypatch):
-    import utils.batches as batches
+    import utils.data.batches as batches
 
     built = []
 
@@ -501,8 +501,8 @@ def test_file_split_evaluation_uses_the_eval_transform_and_one_loader(tmp_path):
 
 def test_feature_split_batches_and_evaluate_dispatch():
     from models import build_model
-    from utils.batches import FeatureSplit
-    from utils.evaluation import evaluate
+    from utils.data.batches import FeatureSplit
+    from utils.engine.evaluation import evaluate
 
     x = torch.randn(11, 27)
     y = torch.arange(11) % 3

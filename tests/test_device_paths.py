@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import digits_config
-from utils.accel import resolve_eval_batch_size
+from utils.engine.accel import resolve_eval_batch_size
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
 
@@ -29,14 +29,14 @@ def test_auto_eval_batch_on_cpu_tables_and_explicit_values():
 
 
 def test_input_size_comes_from_the_data():
-    from utils.data import load_dataset
+    from utils.data.datasets import load_dataset
 
     digits = load_dataset("Digits", "datasets", "exp", 0.05, 10)
     assert digits.input_size == (8, 8)
 
 
 def test_cuda_n_becomes_the_current_device(monkeypatch):
-    from utils import prepare
+    from utils.run import prepare
 
     current = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -52,7 +52,7 @@ class _Prepared(Exception):
 
 @pytest.mark.parametrize("mode,resets", [("off", 0), ("default", 1), ("reduce-overhead", 1)])
 def test_every_seed_compiles_afresh(monkeypatch, tmp_path, mode, resets):
-    from utils import pipeline
+    from utils.run import pipeline
     from utils.config import from_dict
 
     calls = []
@@ -73,9 +73,9 @@ def test_every_seed_compiles_afresh(monkeypatch, tmp_path, mode, resets):
                                         ("max-autotune-no-cudagraphs", 0), ("default", 0)])
 def test_compiled_ddp_forward_marks_a_cudagraph_step_before_every_step(monkeypatch, mode, marks):
     from models import build_model
-    from utils.accel import FastPath
-    from utils.augment import BatchAugment
-    from utils.train import SplitTensors, TrainState, train_one_epoch
+    from utils.engine.accel import FastPath
+    from utils.data.augment import BatchAugment
+    from utils.engine.train import SplitTensors, TrainState, train_one_epoch
 
     steps = []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(len(steps)))

@@ -34,9 +34,9 @@ import torch
 import torch.distributed as dist
 
 from tests.conftest import ROOT, TINY_MODEL, digits_config
-from utils import ddp as global_bn
+from utils.engine import ddp as global_bn
 from utils import distributed as ddp
-from utils.rundir import FollowerRunDir
+from utils.run.rundir import FollowerRunDir
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -250,10 +250,10 @@ def test_device_check_of_the_distributed_code_passes_on_cpu(monkeypatch, capsys)
 def test_an_empty_evaluation_shard_gets_one_batch_of_no_rows(monkeypatch, tmp_path):
     from PIL import Image
     from torchvision.transforms import PILToTensor
-    from utils.augment import BatchAugment
-    from utils.batches import FeatureSplit, FileSplit
-    from utils.batches import SplitTensors
-    from utils.evaluation import shard_eval_batches
+    from utils.data.augment import BatchAugment
+    from utils.data.batches import FeatureSplit, FileSplit
+    from utils.data.batches import SplitTensors
+    from utils.engine.evaluation import shard_eval_batches
 
     paths = []
     for i in range(2):
@@ -332,8 +332,8 @@ def _assert_shards_reassemble(make_batches, monkeypatch, world: int = 3) -> None
 
 
 def test_augmented_image_batches_split_into_the_one_process_batch(monkeypatch):
-    from utils.augment import BatchAugment
-    from utils.train import SplitTensors, TrainState, train_batches
+    from utils.data.augment import BatchAugment
+    from utils.engine.train import SplitTensors, TrainState, train_batches
 
     gen = torch.Generator().manual_seed(0)
     split = SplitTensors(torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8, generator=gen),
@@ -351,7 +351,7 @@ def test_augmented_image_batches_split_into_the_one_process_batch(monkeypatch):
 def test_feature_and_file_batches_split_into_the_one_process_batch(monkeypatch, tmp_path):
     from PIL import Image
     from torchvision.transforms import PILToTensor
-    from utils.batches import FeatureSplit, FileSplit
+    from utils.data.batches import FeatureSplit, FileSplit
 
     gen = torch.Generator().manual_seed(0)
     table = FeatureSplit(torch.randn(40, 6, generator=gen), torch.randint(0, 4, (40,), generator=gen))
@@ -389,7 +389,7 @@ def _cli_result(out: str, world: int) -> SimpleNamespace:
 def _crash(tmp: Path, first: str) -> dict:
     """A torchrun launch of stage 1 (each step held, tests/paced_cli.py) whose every process is
     killed (SIGKILL) once epoch 1's checkpoint exists."""
-    from utils.checkpoint import read_checkpoint
+    from utils.run.checkpoint import read_checkpoint
 
     root = tmp / "crash"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

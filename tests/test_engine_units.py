@@ -1,4 +1,4 @@
-"""Unit tests of the run machinery in utils/checkpoint.py that a GPU run relies on: re-laid
+"""Unit tests of the run machinery in utils/run/checkpoint.py that a GPU run relies on: re-laid
 optimizer state, skipping non-finite steps without host reads (fused SGD's found_inf), the
 checkpoint schedule, the generator-state check, the cuDNN autotuner switch."""
 from __future__ import annotations
@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from utils.accel import sgd_kwargs
-from utils.checkpoint import AUTO_SAVE_RATIO, CheckpointSchedule, check_generator_states, relay_optimizer_state
-from utils.determinism import apply_determinism
-from utils.guard import NonFiniteGuard
+from utils.engine.accel import sgd_kwargs
+from utils.run.checkpoint import AUTO_SAVE_RATIO, CheckpointSchedule, check_generator_states, relay_optimizer_state
+from utils.run.determinism import apply_determinism
+from utils.engine.guard import NonFiniteGuard
 from utils.errors import CheckpointError
-from utils.host_syncs import HostReads
+from utils.engine.host_syncs import HostReads
 
 CPU = torch.device("cpu")
 # the CUDA variants prove the GPU paths (fused CUDA SGD's found_inf and layouts) where a device exists

@@ -9,12 +9,12 @@ import torch
 
 from models import build_model
 from tests.conftest import digits_config
-from utils.augment import BatchAugment
+from utils.data.augment import BatchAugment
 from utils.cli import main
-from utils.data import load_dataset
-from utils.evaluation import extract_features, logits_of
-from utils.metrics import confusion_counts, group_accuracy, per_class_accuracy
-from utils.train import SplitTensors
+from utils.data.datasets import load_dataset
+from utils.engine.evaluation import extract_features, logits_of
+from utils.engine.metrics import confusion_counts, group_accuracy, per_class_accuracy
+from utils.engine.train import SplitTensors
 
 
 def test_flip_tta_averages_logits_of_image_and_flip():

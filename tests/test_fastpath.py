@@ -1,4 +1,4 @@
-"""The fast path (utils/accel.py, utils/train.py) computes what plain fp32 eager PyTorch computes.
+"""The fast path (utils/engine/accel.py, utils/engine/train.py) computes what plain fp32 eager PyTorch computes.
 
 Tolerances:
 * fp32 with channels_last and another SGD implementation only reorders
@@ -24,14 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from models import build_model
-from utils import accel
-from utils.accel import FastPath, make_fast_path, resolve_threads, sgd_kwargs
-from utils.augment import BatchAugment
+from utils.engine import accel
+from utils.engine.accel import FastPath, make_fast_path, resolve_threads, sgd_kwargs
+from utils.data.augment import BatchAugment
 from utils.config import Config, ConfigError, OptimConfig, from_dict
-from utils.metrics import confusion_counts
-from utils.batches import SplitTensors
-from utils.evaluation import evaluate
-from utils.train import TrainState, accumulate_confusion, train_one_epoch
+from utils.engine.metrics import confusion_counts
+from utils.data.batches import SplitTensors
+from utils.engine.evaluation import evaluate
+from utils.engine.train import TrainState, accumulate_confusion, train_one_epoch
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
 K, N, BS, SIZE = 10, 64, 16, 16
@@ -362,7 +362,7 @@ def test_stage1_run_with_bf16_channels_last_foreach(tmp_path, monkeypatch, write
 
 
 def test_eval_batch_size_auto_and_the_cpu_allocator_setting():
-    from utils.accel import keep_freed_memory, resolve_eval_batch_size
+    from utils.engine.accel import keep_freed_memory, resolve_eval_batch_size
     assert resolve_eval_batch_size(0, torch.device("cpu")) == 64
     assert resolve_eval_batch_size(0, torch.device("cuda")) == 1024
     assert resolve_eval_batch_size(300, torch.device("cpu")) == 300

@@ -68,7 +68,7 @@ def _leftovers(run: Path) -> list:
 # ---------------------------------------------------------------------------
 
 def test_disk_full_during_a_checkpoint_then_resume(reference, in_tmp, no_figures, monkeypatch, capsys):
-    from utils import rundir
+    from utils.run import rundir
     real = rundir._open_temporary
     # writes of checkpoint.ckpt: 1 the start marker, 2 epoch 1, 3 epoch 2 (fails)
     fill_disk(monkeypatch, CHECKPOINT_FILE, nth=3)
@@ -77,7 +77,7 @@ def test_disk_full_during_a_checkpoint_then_resume(reference, in_tmp, no_figures
     run = in_tmp / "exp" / RUN
     assert err.startswith(f"error: cannot write {run / CHECKPOINT_FILE}: No space left on device") and "\n" not in err
     assert "Traceback" not in err
-    from utils.checkpoint import read_checkpoint
+    from utils.run.checkpoint import read_checkpoint
     ckpt = read_checkpoint(run / CHECKPOINT_FILE)
     assert ckpt["epoch"] == 1, "the last good checkpoint (epoch 1) is intact"
     best = torch.load(run / "best.paramOnly", weights_only=True)
@@ -109,7 +109,7 @@ def _scalar_events(run: Path) -> list:
 
 def test_kill_during_final_evaluation_then_resume_writes_each_scalar_once(reference, in_tmp, no_figures,
                                                                            monkeypatch, capsys):
-    import utils.pipeline as pipeline
+    import utils.run.pipeline as pipeline
     real = pipeline.final_evaluation
 
     def killed_after_writing(*args, **kwargs):
@@ -120,9 +120,9 @@ def test_kill_during_final_evaluation_then_resume_writes_each_scalar_once(refere
         main("first", ["--json_path", "cfg.json"])
     run = in_tmp / "exp" / RUN
     assert (run / "acc.json").is_file()
-    from utils.run_plan import run_state
+    from utils.run.plan import run_state
     assert not run_state(run).finished, "acc.json alone does not make the run finished"
-    from utils.report import main as report
+    from utils.viz.report import main as report
     assert report([str(in_tmp / "exp")]) == 2  # the only run is skipped: no runs found
     assert "skipping" in capsys.readouterr().err
 
@@ -148,7 +148,7 @@ def test_kill_during_final_evaluation_then_resume_writes_each_scalar_once(refere
 _DRIVER = """
 import pathlib, sys, time
 sys.path.insert(0, {root!r})
-import utils.pipeline as pipeline
+import utils.run.pipeline as pipeline
 go, real = pathlib.Path(sys.argv[1]), pipeline.fit
 def held_fit(*args, **kwargs):
     while not go.exists():
@@ -198,7 +198,7 @@ def _dead_pid() -> int:
 
 def test_lock_refuses_a_second_holder_and_takes_over_a_dead_ones(tmp_path):
     from utils.errors import RunDirError
-    from utils.runlock import LockOwner, RunLock, live_owner, lock_path
+    from utils.run.runlock import LockOwner, RunLock, live_owner, lock_path
     run = tmp_path / "exp" / "x" / "0"
     first = RunLock(run).acquire()
     owner = LockOwner.from_bytes(lock_path(run).read_bytes())
@@ -231,7 +231,7 @@ def test_lock_refuses_a_second_holder_and_takes_over_a_dead_ones(tmp_path):
 
 
 def test_a_reused_pid_does_not_keep_a_lock_alive():
-    from utils.runlock import LockOwner
+    from utils.run.runlock import LockOwner
     me = LockOwner.me()
     assert me.alive()
     if me.process_start is None:
@@ -242,8 +242,8 @@ def test_a_reused_pid_does_not_keep_a_lock_alive():
 
 def test_resume_after_a_kill_takes_over_the_stale_lock(reference, in_tmp, no_figures, monkeypatch, capsys):
     """SIGKILL leaves the lock file; --resume goes on without a manual step and says so."""
-    import utils.fit as fit
-    from utils.runlock import LockOwner, lock_path
+    import utils.run.fit as fit
+    from utils.run.runlock import LockOwner, lock_path
     real = fit.train_one_epoch
 
     def killed_in_epoch_2(model, split, state, epoch, total, *args, **kwargs):
@@ -274,7 +274,7 @@ def test_overwrite_moves_the_old_run_aside_and_survives_an_undeletable_file(refe
     run = in_tmp / "exp" / RUN
     shutil.copytree(reference, run)
     (run / "stray.txt").write_text("from the old run")
-    import utils.run_open as run_open
+    import utils.run.open_dir as run_open
     real_rmtree = shutil.rmtree
 
     def rmtree(path, *args, **kwargs):  # one file of the old copy cannot be deleted
@@ -294,7 +294,7 @@ def test_overwrite_moves_the_old_run_aside_and_survives_an_undeletable_file(refe
     _same_results(reference, run)
     copies = list(run.parent.glob(".0.old-*"))
     assert len(copies) == 1 and (copies[0] / "stray.txt").is_file()
-    from utils.report import collect_runs
+    from utils.viz.report import collect_runs
     assert len(collect_runs([in_tmp / "exp"])) == 1, "the hidden copy is not a run of the report"
 
 
@@ -303,7 +303,7 @@ def test_overwrite_that_cannot_start_puts_the_old_run_back(reference, in_tmp, no
     run = in_tmp / "exp" / RUN
     shutil.copytree(reference, run)
     before = sorted(p.name for p in run.iterdir())
-    from utils import rundir
+    from utils.run import rundir
     real = rundir._open_temporary
 
     def full(fd, path):
@@ -335,7 +335,7 @@ def test_stage2_on_an_unfinished_stage1_only_when_asked(reference, in_tmp, no_fi
     import shutil
     stage1 = in_tmp / "exp" / "Digits/BNMLP/first/h/0"
     shutil.copytree(reference, stage1)
-    from utils.checkpoint import _marker
+    from utils.run.checkpoint import _marker
     from utils.config import from_dict
     torch.save(_marker(from_dict(_config()), None, finished=False, epoch=2, best_epoch=2, best_acc=0.3, model={},
                        optimizer={}, records=[], track={}, rng={}), stage1 / CHECKPOINT_FILE)
@@ -380,7 +380,7 @@ def test_a_schedule_at_lr_0_for_every_epoch_is_warned_about():
 
 def test_an_offline_cifar_download_leaves_no_empty_datasets_folder(tmp_path, monkeypatch):
     import torchvision.datasets as tvd
-    from utils.data import load_dataset
+    from utils.data.datasets import load_dataset
     from utils.errors import DataError
 
     def offline(root, train, download):
@@ -398,7 +398,7 @@ def test_an_offline_cifar_download_leaves_no_empty_datasets_folder(tmp_path, mon
 
 
 def test_resume_compares_the_keys_that_change_what_is_computed():
-    from utils.run_plan import config_differences
+    from utils.run.plan import config_differences
     from utils.config import from_dict
     cfg = from_dict(_config()).to_dict()
     older = {k: v for k, v in cfg.items() if k != "sync_bn"}  # written before the key existed

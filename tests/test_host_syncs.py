@@ -1,4 +1,4 @@
-"""No training step waits for the device (utils/host_syncs.py).
+"""No training step waits for the device (utils/engine/host_syncs.py).
 
 On the CPU the check is structural: every aten operator that would read device data back on
 CUDA (.item()/int()/bool(), nonzero, boolean-mask indexing, bincount, ...) is recorded over a
@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from tests.conftest import digits_config
-from utils.batches import make_splits
-from utils.guard import NonFiniteGuard
+from utils.data.batches import make_splits
+from utils.engine.guard import NonFiniteGuard
 from utils.config import from_dict
-from utils.host_syncs import HostReads, syncs_in_steps
-from utils.prepare import make_train_state, prepare
+from utils.engine.host_syncs import HostReads, syncs_in_steps
+from utils.run.prepare import make_train_state, prepare
 
 CONFIGS = {
     # jsons/*/first.json's objective: CE + WD (coupled) + FR + ETF; nonfinite stop as on CUDA (flag read every 25)
@@ -54,7 +54,7 @@ def test_a_reintroduced_read_back_is_found(monkeypatch):
     """The check can fail: the NC loss as first written (int(labels.max()), bincount, masks)."""
     import math
 
-    import utils.objective
+    import utils.engine.objective
 
     def nc_terms_with_masks(labels, features, n_classes):
         h = features.float()
@@ -67,7 +67,7 @@ def test_a_reintroduced_read_back_is_found(monkeypatch):
         angles = torch.arccos((unit @ unit.t() - 0.01).clamp(min=-1.0 + 1e-6))
         return within, angles.masked_fill(torch.eye(len(unit), dtype=torch.bool), math.inf).min(dim=1).values.mean()
 
-    monkeypatch.setattr(utils.objective, "nc_terms", nc_terms_with_masks)
+    monkeypatch.setattr(utils.engine.objective, "nc_terms", nc_terms_with_masks)
     ops = {op for op, _ in _steps("nc-rows-skip-fused")}
     assert {"_local_scalar_dense", "bincount", "index"} <= ops
 

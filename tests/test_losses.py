@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from utils.losses import class_balanced_softmax, class_balanced_weights, cross_entropy
+from utils.engine.losses import class_balanced_softmax, class_balanced_weights, cross_entropy
 
 
 def test_class_balanced_weights_hand_computed():
@@ -37,9 +37,9 @@ def test_class_balanced_softmax_hand_computed():
 # ---------------------------------------------------------------------------
 
 from utils.config import from_dict  # noqa: E402
-from utils.losses import (class_balanced_focal, class_balanced_sigmoid, dot_regression,  # noqa: E402
+from utils.engine.losses import (class_balanced_focal, class_balanced_sigmoid, dot_regression,  # noqa: E402
                           nc_terms, sigmoid_bias_init)
-from utils.objective import make_objective  # noqa: E402
+from utils.engine.objective import make_objective  # noqa: E402
 
 # Two samples, K = 3: sample 0 of class 0, sample 1 of class 2.
 LOGITS = [[2.0, 0.0, -1.0], [0.5, 1.0, -0.5]]

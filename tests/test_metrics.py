@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from utils.lt_data import class_groups
-from utils.metrics import (class_averaged_accuracy, confusion_counts, fisher_discriminant_ratio, group_accuracy,
+from utils.data.lt_data import class_groups
+from utils.engine.metrics import (class_averaged_accuracy, confusion_counts, fisher_discriminant_ratio, group_accuracy,
                            hoyer_sparsity, per_class_accuracy)
 
 

@@ -19,7 +19,7 @@ from tests.conftest import digits_config
 from utils.cli import main
 from utils.config import ConfigError, from_dict
 from utils.errors import Stage1Error
-from utils.stage1 import apply_bn_weight_init, load_into
+from utils.run.stage1 import apply_bn_weight_init, load_into
 
 EXP = Path("exp/Digits/ResNet18")
 
@@ -339,8 +339,8 @@ def _fake_data(name="Digits", channels=1, counts=(40, 20, 10, 5)):
 
 
 def test_make_model_passes_every_option_from_the_config():
-    from utils.params import trained_parameters
-    from utils.prepare import make_model
+    from utils.engine.params import trained_parameters
+    from utils.run.prepare import make_model
     cfg = from_dict({"data": {"name": "Digits", "n_classes": 4}, "model": {
         "name": "ResNet18", "use_etf": True, "use_dr_balancer": True, "etf_norm_rate": 2.0, "bn_eps": 1e-4,
         "activation_type": "selu", "one_param_bn": True, "normalize_feature": True, "last_relu": True,
@@ -406,7 +406,7 @@ def test_digits_runs_with_model_options(in_tmp, write_json):
     base = {"is_pretrained": True, "pretrained_path": str(EXP / "first/opts"), "activation_type": "lrelu",
             "activation_param": 0.1, "identity_skip": True, "use_feature_bias": True, "last_relu": True,
             "bn_eps": 1e-3}
-    from utils.pipeline import prepare
+    from utils.run.pipeline import prepare
     for exp, extra in (("rep", {"load_only_representation": True}), ("nolast", {"load_last_linear": False})):
         second = digits_config(exp, "second", epochs=0, model={**base, **extra})
         if exp == "rep":  # the whole second.py run once; the other option through the same loading step

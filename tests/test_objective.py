@@ -13,8 +13,8 @@ from models import build_model
 from tests.conftest import digits_config
 from utils.cli import main
 from utils.config import ConfigError, from_dict
-from utils.objective import make_objective
-from utils.params import decayed_parameters, describe_parameters, make_optimizer, trained_parameters
+from utils.engine.objective import make_objective
+from utils.engine.params import decayed_parameters, describe_parameters, make_optimizer, trained_parameters
 
 # ResNet18 (torchvision layout): 20 conv weights (conv1, 16 in the blocks, 3 downsample convs);
 # 20 BatchNorms = 40 tensors (stem bn1, 16 in the blocks, 3 downsample BNs = 4 identity BNs);
@@ -290,7 +290,7 @@ def _acc(run):
 
 
 def test_sigmoid_losses_start_at_minus_log_k_minus_1():
-    from utils.pipeline import prepare
+    from utils.run.pipeline import prepare
     for optim in ({"loss_type": "FL"}, {"loss_type": "CB", "cb_type": "sigmoid"},
                   {"loss_type": "CB", "cb_type": "focal"}):
         p = prepare(from_dict(digits_config("b", optim=optim)), "first")

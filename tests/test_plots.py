@@ -7,8 +7,8 @@ from PIL import Image
 
 from tests.conftest import digits_config
 from utils.cli import main
-from utils.figures import group_confusion
-from utils.records import class_mean, forgetting_scores, head_to_tail
+from utils.viz.figures import group_confusion
+from utils.engine.records import class_mean, forgetting_scores, head_to_tail
 
 STAGE1_PNGS = {"confusion_matrix", "confusion_groups", "per_class_accuracy", "weight_norm", "weight_cosine",
                "feature_norm", "feature_weight", "train_loss_per_class", "accuracy_curves",
@@ -93,7 +93,7 @@ def test_every_plot_of_a_two_stage_run(tmp_path, write_json):
     _check_png(run2 / "imgs/per_class_accuracy_vs_stage1.png")
 
     # command line: compare runs class by class; redraw a run
-    from utils.plots import main as plots_main
+    from utils.viz.plots import main as plots_main
     out = tmp_path / "cmp.png"
     assert plots_main(["compare", str(run), str(run2), "--labels", "stage 1", "LA", "--out", str(out)]) == 0
     _check_png(out)
@@ -106,8 +106,8 @@ def test_every_plot_of_a_two_stage_run(tmp_path, write_json):
 def test_plot_run_from_files_with_many_classes_and_rgb_images(tmp_path):
     """plot_run reads only files (plus images): 30 classes, RGB images, classes not in size order."""
     import csv
-    from utils.lt_data import class_groups
-    from utils.plots import plot_run
+    from utils.data.lt_data import class_groups
+    from utils.viz.plots import plot_run
     k, epochs, per_class = 30, 3, 4
     counts = [5 + (c * 7) % 60 for c in range(k)]
     groups = class_groups(counts, 40, 10)

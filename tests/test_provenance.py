@@ -1,4 +1,4 @@
-"""provenance.json (utils/provenance.py): the code and the machine beside each run's results."""
+"""provenance.json (utils/run/provenance.py): the code and the machine beside each run's results."""
 from __future__ import annotations
 
 import json
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from utils import provenance
+from utils.run import provenance
 from utils.names import PROVENANCE_FILE
-from utils.rundir import RunDir
+from utils.run.rundir import RunDir
 
 needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 
@@ -59,3 +59,8 @@ def test_each_start_is_recorded_and_a_resume_keeps_the_earlier_ones(tmp_path, mo
     (tmp_path / PROVENANCE_FILE).write_text("{not json")
     provenance.record_start(rundir, torch.device("cpu"), resumed_after=1)
     assert len(json.loads((tmp_path / PROVENANCE_FILE).read_text())["starts"]) == 1
+
+
+def test_the_recorded_checkout_is_the_one_that_runs():
+    # the module's place in utils/ decides where it looks: it must find the repository's root
+    assert (provenance.ROOT / "first.py").is_file() and (provenance.ROOT / "utils").is_dir()

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from models.classifiers import ETFClassifier
-from utils.regularizers import (MaxNorm, classifier_weight, feature_penalty, normalise_classifier,
+from utils.engine.regularizers import (MaxNorm, classifier_weight, feature_penalty, normalise_classifier,
                                 foreach_penalty, weight_decay_penalty, weight_decay_penalty_value)
 
 

@@ -1,11 +1,11 @@
-"""utils.report: mean ± sample std over seeds from hand-made run folders."""
+"""utils.viz.report: mean ± sample std over seeds from hand-made run folders."""
 import csv
 import json
 import math
 
 import pytest
 
-from utils.report import main
+from utils.viz.report import main
 
 
 def _run(root, dataset, stage, exp, seed, acc, fdr=None, model="ResNet18", param_search=False):
@@ -86,7 +86,7 @@ def test_no_runs_and_missing_directory(tmp_path, capsys):
 
 def _finish_marker(run, finished):
     import torch
-    from utils.checkpoint import FORMAT, VERSION
+    from utils.run.checkpoint import FORMAT, VERSION
     torch.save({"format": FORMAT, "version": VERSION, "stage": "first", "finished": finished, "epoch": 2,
                 "total_epochs": 3, "config": {}}, run / "checkpoint.ckpt")
 

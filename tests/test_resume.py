@@ -24,9 +24,9 @@ import pytest
 import torch
 
 from tests.conftest import TINY_MODEL, digits_config
-from utils.checkpoint import FORMAT, read_checkpoint
-from utils.determinism import apply_determinism
-from utils.signals import GracefulStop
+from utils.run.checkpoint import FORMAT, read_checkpoint
+from utils.run.determinism import apply_determinism
+from utils.run.signals import GracefulStop
 from utils.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -224,7 +224,7 @@ def in_tmp(tmp_path, monkeypatch):
 
 def _inject_nan(monkeypatch, epoch: int, step: int, steps_applied: list):
     """The objective returns NaN at (epoch, step); count the optimizer steps applied."""
-    import utils.prepare as prepare
+    import utils.run.prepare as prepare
     real_objective, real_optimizer = prepare.make_objective, prepare.make_optimizer
     calls = {"n": 0}
 
@@ -266,7 +266,7 @@ def test_nan_loss_stops_with_epoch_and_step_keeping_last_checkpoint(in_tmp, writ
                                                                     sync_every):
     """CPU: checked at every step. CUDA reads a device-side flag every 25 steps; with 1000 here the
     training loop's own end-of-epoch check fires and the step is still reported."""
-    from utils import guard
+    from utils.engine import guard
     real_init = guard.NonFiniteGuard.__init__
 
     def init(self, *args, **kwargs):
@@ -333,7 +333,7 @@ def test_resume_refuses_a_checkpoint_of_another_config(in_tmp, write_json, capsy
     run = in_tmp / "exp" / RUN
     run.mkdir(parents=True)
     from utils.config import from_dict
-    from utils.checkpoint import _marker
+    from utils.run.checkpoint import _marker
     torch.save(_marker(from_dict(_config(base_lr=0.1)), None, finished=False), run / "checkpoint.ckpt")
     assert main("first", ["--json_path", cfg, "--resume"]) == 2
     err = capsys.readouterr().err
@@ -363,7 +363,7 @@ def test_deterministic_switch_and_bare_flag(in_tmp, write_json, monkeypatch):
     args = build_parser("first").parse_args(["--deterministic", "--seeds", "3"])
     assert overrides_from_flags(args) == {"deterministic": True}
     seen = []
-    import utils.pipeline as pipeline
+    import utils.run.pipeline as pipeline
     monkeypatch.setattr(pipeline, "apply_determinism", lambda on: (seen.append(on), apply_determinism(on)))
     cfg = write_json("cfg.json", _config(total_epoch_num=1))
     try:
@@ -378,7 +378,7 @@ def test_deterministic_switch_and_bare_flag(in_tmp, write_json, monkeypatch):
 
 def test_checkpoint_every_and_a_crash_between_checkpoints(in_tmp, write_json, capsys, monkeypatch):
     """checkpoint_every 2: a crash in epoch 3 resumes after epoch 2 (epoch 1 had no checkpoint)."""
-    import utils.fit as fit
+    import utils.run.fit as fit
     real = fit.train_one_epoch
 
     def crash_in_epoch_3(model, split, state, epoch, total, *args, **kwargs):
@@ -406,8 +406,8 @@ def test_checkpoint_every_and_a_crash_between_checkpoints(in_tmp, write_json, ca
 
 def test_pending_best_weights_are_promoted_or_discarded(tmp_path):
     """A kill between a checkpoint and the rename of its best weights, or after a lost epoch."""
-    from utils.checkpoint import _settle_best
-    from utils.rundir import RunDir
+    from utils.run.checkpoint import _settle_best
+    from utils.run.rundir import RunDir
     rundir = RunDir(tmp_path)
     (tmp_path / "best.paramOnly").write_text("epoch 2")
     (tmp_path / ".best.epoch4.pending").write_text("epoch 4")   # written before checkpoint 5 (best epoch 4)
@@ -431,7 +431,7 @@ def moved(tmp_path_factory):
     (The last epoch runs at learning rate 0, so two epochs would not show the momentum.)"""
     import shutil
 
-    from utils.checkpoint import RunCheckpoint
+    from utils.run.checkpoint import RunCheckpoint
     cwd = tmp_path_factory.mktemp("moved")
     (cwd / "cfg.json").write_text(json.dumps(_config({"name": "ResNet18", "use_etf": False}, total_epoch_num=3,
                                                      sgd_impl="fused")))

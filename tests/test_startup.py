@@ -28,7 +28,7 @@ def test_help_does_not_import_torch():
     assert done.returncode == 0, done.stderr[-2000:]
     assert "usage: first.py" in done.stdout and "--optim_weight_decay" in done.stdout
     imported = _imported(done.stderr)
-    assert "utils.config_flags" in imported, "the flags come from the config dataclasses"
+    assert "utils.config.flags" in imported, "the flags come from the config dataclasses"
     assert not {m for m in imported if m.split(".")[0] == "torch"}, "torch was imported for --help"
 
 

@@ -19,7 +19,7 @@ PACKAGES = ("utils", "models")
 TRAINING_ENTRY = "utils.run.pipeline"
 # what training must never import: the figure and report modules and the libraries they use
 PLOTTING_LIBRARIES = ("matplotlib", "seaborn", "skimage", "pandas")
-PLOTTING_PREFIXES = ("utils.viz", "utils.plots")
+PLOTTING_PREFIXES = ("utils.viz", "utils.plots", "utils.report")
 MAX_LINES = 450
 
 

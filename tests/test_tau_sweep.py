@@ -8,7 +8,7 @@ import pytest
 from tests.conftest import digits_config
 from utils.cli import main
 from utils.config import ConfigError, from_dict
-from utils.tau_sweep import best_row, parse_taus
+from utils.run.tau_sweep import best_row, parse_taus
 
 
 def test_parse_taus():

@@ -1,4 +1,4 @@
-"""SGD's coupled weight_decay on whole decayed tensors (utils/objective.py) against the explicit
+"""SGD's coupled weight_decay on whole decayed tensors (utils/engine/objective.py) against the explicit
 term wd * sum ||w||^2 / 2 with its autograd gradient (SPEC 6.1, the published code's way).
 
 What must agree to float32 rounding: the logged loss (the term keeps its name and value), the
@@ -24,8 +24,8 @@ import torch
 
 from models import build_model
 from utils.config import from_dict
-from utils.objective import make_objective
-from utils.params import decayed_parameters, make_optimizer, trained_parameters
+from utils.engine.objective import make_objective
+from utils.engine.params import decayed_parameters, make_optimizer, trained_parameters
 
 K = 10
 # the CUDA variants prove the GPU paths (fused CUDA SGD, the foreach value) where a device exists

@@ -18,7 +18,7 @@ import sys
 import warnings
 from typing import Optional, Sequence
 
-from utils import runlog
+from utils.run import runlog
 from utils.config import (ConfigError, add_config_flags, has_control_character, overrides_from_flags, parse_bool,
                           resolve, unencodable)
 from utils.errors import RunDirError, RunInterrupted, TrainingDiverged, UserError
@@ -300,8 +300,8 @@ def run_seeds(stage: str, args, configs) -> None:
     """Every seed's run directory is checked before any work starts (its lock by rank 0 only:
     rank 0 holds it for the launch); then each seed runs, and its figures are drawn."""
     from utils import distributed
-    from utils.pipeline import run
-    from utils.run_plan import plan_run
+    from utils.run.pipeline import run
+    from utils.run.plan import plan_run
 
     base = configs[0]
     dist = distributed.setup(base.device)  # torchrun: one process group for every seed
@@ -343,7 +343,7 @@ def draw_figures(run_dir) -> None:
     """The figures of a finished run, drawn after it (training code never imports plotting).
     The run stands without them: a failure here is a warning, and ``python -m utils.plots
     redraw`` draws them again."""
-    from utils import plots
+    from utils.viz import plots
     try:
         plots.draw_figures(run_dir)
     except Exception as exc:  # noqa: BLE001 - the run is finished and kept; say so and go on

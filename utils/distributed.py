@@ -17,7 +17,7 @@ The semantics are those of one process with the global batch (README "Several GP
 * every rank draws the same global permutation and the same augmentation
   parameters for the whole global batch, and applies its own slice of them: the
   ranks' crops and flips differ, and together they are those of one process;
-* BatchNorm statistics are computed over the global batch (utils/ddp.py);
+* BatchNorm statistics are computed over the global batch (utils/engine/ddp.py);
 * the loss is computed on the gathered outputs of the global batch
   (:func:`gather_rows_autograd`), so every loss term, including class-weighted means,
   equals the single-process one, and every rank holds the same per-epoch records;
