@@ -70,6 +70,7 @@ def test_steps_beyond_an_epoch_credit_only_the_images_trained(monkeypatch, pipel
     assert m.train_ips == pytest.approx(trained)  # images over one clock second
 
 
+@pytest.mark.slow
 def test_throughput_benchmark_prints_both_pipelines_the_ratio_and_the_projection():
     out = subprocess.run(
         [sys.executable, "bench/throughput.py", "--device", "cpu", "--model", "BNMLP", "--batch-size", "8",

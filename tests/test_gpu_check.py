@@ -27,6 +27,7 @@ def _summary_rows(path):
     return rows
 
 
+@pytest.mark.slow
 def test_quick_cpu_mode_passes_with_every_row(tmp_path):
     out = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--quick", "--out",
                           str(tmp_path / "out"), "--work", str(tmp_path / "work")],

@@ -160,6 +160,7 @@ sys.exit(main("first", sys.argv[2:] + ["--no_figures"]))
 """
 
 
+@pytest.mark.slow
 def test_two_runs_of_one_directory_at_once(reference, tmp_path):
     (tmp_path / "cfg.json").write_text(json.dumps(_config()))
     driver = _DRIVER.format(root=str(ROOT))
