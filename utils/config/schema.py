@@ -96,6 +96,9 @@ class ModelConfig:
     use_bn: bool = _f(True, "BatchNorm in MLP models (only true is supported)")
     add_skip: bool = _f(False, "skip connections in TableMLP")
     ignore_restrict_load: bool = _f(False, "stage 2: load the state dict non-strictly (skipped keys are logged)")
+    init_weights: str = _f("", "stage 1: start the backbone from this torchvision ImageNet state_dict (a .pth of "
+                           "torchvision's names, read weights-only; its fc.* classifier is dropped); torchvision "
+                           "models only ('' = random init)", check="path")
 
 
 @dataclass
