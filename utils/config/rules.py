@@ -90,7 +90,7 @@ def _check_norm_param(o: OptimConfig) -> None:
 
 # Inputs of each dataset as the MLP models see them (flattened C x H x W, or Helena's features).
 INPUT_FEATURES = {"Digits": 64, "MNIST": 784, "Cifar10": 3072, "Cifar100": 3072, "ImageNet": 3 * 224 * 224,
-                  "MiniImagenet": 3 * 224 * 224, "Helena": 27}
+                  "MiniImagenet": 3 * 224 * 224, "Helena": 27, "INat2018": 3 * 224 * 224, "PlacesLT": 3 * 224 * 224}
 MAX_MLP_WEIGHTS = 2 ** 30  # 4 GiB of float32 weights; training holds 3-4 times that
 
 
