@@ -153,3 +153,22 @@ def test_init_weights_on_the_command_line(tmp_path, write_json, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "w.pth' is missing" in err
     assert not exp.exists()
+
+
+def test_the_resnet32_config_files_mirror_the_resnet34_ones():
+    from pathlib import Path
+
+    from utils.config.load import resolve
+    root = Path(__file__).resolve().parents[1] / "jsons/Cifar100"
+    for stem, stage in (("naive", "first"), ("wb_first", "first"), ("wb_second", "second"), ("first", "first"),
+                        ("second", "second")):
+        ours, theirs = (resolve(stage, str(root / f"{stem}{tail}.json"), {}) for tail in ("_resnet32", ""))
+        assert ours.model.name == "ResNet32" and not ours.model.use_etf, stem
+        # the same experiment but for the backbone and the ETF (D = 64 < 100 classes)
+        assert ours.optim == theirs.optim, stem
+        assert ours.data == theirs.data, stem
+    pairs = (("wb_first", "wb_second"), ("first", "second"))
+    for first, second in pairs:
+        stage1 = resolve("first", str(root / f"{first}_resnet32.json"), {})
+        stage2 = resolve("second", str(root / f"{second}_resnet32.json"), {})
+        assert Path(stage2.model.pretrained_path) == Path("exp") / stage1.run_subdir().parent
