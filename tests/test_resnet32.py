@@ -172,3 +172,20 @@ def test_the_resnet32_config_files_mirror_the_resnet34_ones():
         stage1 = resolve("first", str(root / f"{first}_resnet32.json"), {})
         stage2 = resolve("second", str(root / f"{second}_resnet32.json"), {})
         assert Path(stage2.model.pretrained_path) == Path("exp") / stage1.run_subdir().parent
+
+
+@pytest.mark.parametrize("section, values, message", [
+    ("optim", {"weight_decay_limit": True, "weight_decay_target_modules": [0, 4]},
+     r"optim.weight_decay_target_modules = \[0, 4\] names module 4 \(layer4\), which model.name = 'ResNet32' does "
+     r"not have; its modules are 0 stem, 1-3 layer1-3, 5 classifier"),
+    ("model", {"identity_skip": True, "name": "ResNet50"},
+     r"model.identity_skip = true is built for .*ResNet32 \(basic blocks\), not ResNet50"),
+    ("model", {"is_pretrained": True, "pretrained_path": "exp/x", "init_weights": "w.pth", "name": "ResNet50"},
+     r"model.init_weights with model.is_pretrained = true: stage 2 loads the stage-1 weights"),
+])
+def test_options_that_do_not_fit_the_new_backbones_are_refused(section, values, message):
+    from utils.config.load import from_dict
+    cfg = digits_config("x", "second" if "is_pretrained" in values else "first", model={"name": "ResNet32"})
+    cfg[section].update(values)
+    with pytest.raises(ConfigError, match=message):
+        from_dict(cfg)

@@ -35,6 +35,7 @@ def validate(cfg: Config) -> None:
     _check_model_options(cfg)
     _check_etf_size(cfg)
     _check_init_weights(cfg)
+    _check_stages(cfg)
     _check_not_built(cfg)
     _check_table_data(cfg)
     _check_optim(cfg.optim)
@@ -196,6 +197,14 @@ def _check_etf_size(cfg: Config) -> None:
         raise ConfigError(f"model.use_etf = true needs D >= K, but model.name = {m.name!r} has D = {d} features "
                           f"and data.n_classes = {k} (K): an ETF classifier has K orthogonal directions in D "
                           f"dimensions; set model.use_etf = false (a Linear classifier) or use a model with D >= {k}")
+
+
+def _check_stages(cfg: Config) -> None:
+    """ResNet-32 has three stages: weight_decay_target_modules' index 4 (layer4) names nothing in it."""
+    modules = cfg.optim.weight_decay_target_modules
+    if cfg.model.name == "ResNet32" and cfg.optim.weight_decay_limit and modules and 4 in modules:
+        raise ConfigError(f"optim.weight_decay_target_modules = {json.dumps(modules)} names module 4 (layer4), which "
+                          "model.name = 'ResNet32' does not have; its modules are 0 stem, 1-3 layer1-3, 5 classifier")
 
 
 def _check_init_weights(cfg: Config) -> None:
