@@ -1,6 +1,7 @@
 """ResNet backbones for long-tailed recognition.
 
-``LTModel.encoder`` is a torchvision ResNet so that state-dict keys are exactly
+``LTModel.encoder`` is a torchvision ResNet (or ResNet-32, models/resnet32.py, built with
+torchvision's block and attribute names) so that state-dict keys are exactly
 torchvision's names under ``encoder.`` (interchangeable with the published
 implementation). The classifier lives at ``encoder.fc`` (``nn.Linear`` or
 :class:`~models.classifiers.ETFClassifier`).
@@ -106,10 +107,11 @@ def build_model(
     one_param_bn: bool = False,
     use_dr_balancer: bool = False,
 ) -> LTModel:
-    """Build an :class:`LTModel` (torchvision default init throughout).
+    """Build an :class:`LTModel` (torchvision's default init; ResNet32: Kaiming normal, models/resnet32.py).
 
     ``small_input`` (CIFAR stem: 3x3 stride-1 conv, no max-pool) defaults to
-    False for the IMResNet names and True otherwise.  ``activation_type`` replaces
+    False for the IMResNet names and ResNet50/152 and True otherwise; ResNet32 always has its
+    3x3 stem.  ``activation_type`` replaces
     every ReLU of the backbone (stem and blocks; not ``last_relu``).
     ``identity_skip`` turns the basic blocks into pre-activation blocks;
     ``one_param_bn`` gives the stem BN and the blocks' BNs one shared scale and
