@@ -67,3 +67,20 @@ def test_top5_per_class_by_hand():
 
 def test_top5_with_fewer_than_five_classes_is_every_label():
     assert per_class_topk(LOGITS.float(), LABELS, n_classes=3).tolist() == [1.0, 0.0, 1.0]
+
+
+def test_blockwise_calibration_equals_the_plain_softmax(monkeypatch):
+    """Block by block, without the N x K probabilities: the same numbers as the whole softmax."""
+    import utils.engine.calibration as calibration_module
+    torch.manual_seed(0)
+    logits, labels = torch.randn(300, 40) * 4, torch.randint(0, 40, (300,))
+    p = torch.softmax(logits.double(), dim=1)
+    nll = float(-p.gather(1, labels[:, None]).log().mean())
+    brier = float((p - torch.nn.functional.one_hot(labels, 40).double()).square().sum(dim=1).mean())
+    whole = calibration(logits, labels)
+    monkeypatch.setattr(calibration_module, "BLOCK_ELEMENTS", 7 * 40)  # blocks of 7 rows, the last one short
+    blocks = calibration(logits, labels)
+    for result in (whole, blocks):
+        assert result["NLL"] == pytest.approx(nll, rel=1e-12)
+        assert result["Brier"] == pytest.approx(brier, rel=1e-12)
+    assert blocks["bins"] == whole["bins"] and blocks["ECE"] == pytest.approx(whole["ECE"], abs=1e-15)
