@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.data.imagenet_lt import _check_images_exist, _check_labels, _class_counts, _file_dataset, _read_list
+from utils.data.imagenet_lt import check_images_exist, check_labels, file_dataset, read_list, train_class_counts
 from utils.data.lt_data import LTData
 
 __all__ = ["load_inat2018", "load_places_lt", "carve_validation", "INAT_FOLDER", "PLACES_LISTS", "PLACES_IMAGES"]
@@ -61,18 +61,18 @@ def load_inat2018(root: Path, n_classes: int) -> LTData:
     folder = root / INAT_FOLDER
     what = "the iNaturalist-2018 file lists (iNaturalist18_train.txt, iNaturalist18_val.txt)"
     train_list = folder / "iNaturalist18_train.txt"
-    names, labels = _read_list(train_list, what)
+    names, labels = read_list(train_list, what)
     held = carve_validation(labels)
-    test_names, test_labels = _read_list(folder / "iNaturalist18_val.txt", what)
+    test_names, test_labels = read_list(folder / "iNaturalist18_val.txt", what)
     names = np.asarray(names, dtype=object)
     files = {"train": _under(folder, list(names[~held])), "val": _under(folder, list(names[held])),
              "test": _under(folder, test_names)}
     split_labels = {"train": labels[~held], "val": labels[held], "test": test_labels}
-    counts = _class_counts(split_labels["train"], n_classes, train_list, "iNaturalist-2018")
-    _check_labels(test_labels, n_classes, folder / "iNaturalist18_val.txt")
-    _check_images_exist(folder, files["train"], "the images of the iNaturalist 2018 archive (train_val2018/)")
+    counts = train_class_counts(split_labels["train"], n_classes, train_list, "iNaturalist-2018")
+    check_labels(test_labels, n_classes, folder / "iNaturalist18_val.txt")
+    check_images_exist(folder, files["train"], "the images of the iNaturalist 2018 archive (train_val2018/)")
     class_names = _class_folders(files["train"], split_labels["train"], n_classes)
-    return _file_dataset("INat2018", files, split_labels, class_names, counts, color_jitter=True)
+    return file_dataset("INat2018", files, split_labels, class_names, counts, color_jitter=True)
 
 
 def load_places_lt(root: Path, n_classes: int) -> LTData:
@@ -80,14 +80,14 @@ def load_places_lt(root: Path, n_classes: int) -> LTData:
     what = "the Places-LT file lists (Places_LT_train.txt, Places_LT_val.txt, Places_LT_test.txt)"
     files, labels = {}, {}
     for split in ("train", "val", "test"):
-        names, y = _read_list(lists / f"Places_LT_{split}.txt", what)
+        names, y = read_list(lists / f"Places_LT_{split}.txt", what)
         files[split], labels[split] = _under(images, names), y
-    counts = _class_counts(labels["train"], n_classes, lists / "Places_LT_train.txt", "Places-LT")
+    counts = train_class_counts(labels["train"], n_classes, lists / "Places_LT_train.txt", "Places-LT")
     for split in ("val", "test"):
-        _check_labels(labels[split], n_classes, lists / f"Places_LT_{split}.txt")
-    _check_images_exist(images, files["train"], "the Places365 images the lists name")
+        check_labels(labels[split], n_classes, lists / f"Places_LT_{split}.txt")
+    check_images_exist(images, files["train"], "the Places365 images the lists name")
     class_names = _class_folders(files["train"], labels["train"], n_classes)
-    return _file_dataset("PlacesLT", files, labels, class_names, counts, color_jitter=True)
+    return file_dataset("PlacesLT", files, labels, class_names, counts, color_jitter=True)
 
 
 def _class_folders(paths: list[str], labels: np.ndarray, n_classes: int) -> list[str]:
