@@ -39,7 +39,8 @@ from utils.data.lt_data import LTData
 __all__ = ["load_imagenet_lt", "load_mini_imagenet_lt", "make_mini_imagenet_splits", "mini_imagenet_counts",
            "imagenet_transforms", "IMAGENET_MEAN", "IMAGENET_STD", "need_file",
            # the readers iNaturalist-2018 and Places-LT share (utils/data/inat_places.py)
-           "read_list", "train_class_counts", "check_labels", "check_images_exist", "file_dataset"]
+           "read_list", "read_split_lists", "train_class_counts", "check_labels", "check_images_exist",
+           "file_dataset"]
 
 IMAGE_SIZE = 224  # the side of the crops the image-file datasets' transforms produce
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -141,20 +142,28 @@ def file_dataset(name: str, files: dict, labels: dict, class_names: list[str], c
     )
 
 
-def load_imagenet_lt(root: Path, n_classes: int) -> LTData:
-    lists = root / IMAGENET_LT_FOLDER
-    images = root / IMAGENET_FOLDER
-    what = "the ImageNet-LT file lists (ImageNet_LT_train.txt, ImageNet_LT_val.txt, ImageNet_LT_test.txt)"
+def read_split_lists(lists: Path, stem: str, images: Path, n_classes: int, name: str, what: str,
+                     images_what: str) -> tuple[dict, dict, list[int]]:
+    """({split: image paths}, {split: labels}, training class counts) of the three lists
+    ``<lists>/<stem>_{train,val,test}.txt``, each path taken under ``images`` (a leading "/"
+    dropped, as some copies of the lists have one)."""
     files, labels = {}, {}
     for split in ("train", "val", "test"):
-        path = lists / f"ImageNet_LT_{split}.txt"
-        names, y = read_list(path, what)
-        files[split] = [str(images / n) for n in names]
+        names, y = read_list(lists / f"{stem}_{split}.txt", what)
+        files[split] = [str(images / n.lstrip("/")) for n in names]
         labels[split] = y
-    counts = train_class_counts(labels["train"], n_classes, lists / "ImageNet_LT_train.txt", "ImageNet-LT")
+    counts = train_class_counts(labels["train"], n_classes, lists / f"{stem}_train.txt", name)
     for split in ("val", "test"):
-        check_labels(labels[split], n_classes, lists / f"ImageNet_LT_{split}.txt")
-    check_images_exist(images, files["train"], "the ImageNet (ILSVRC-2012 CLS-LOC) train/ and val/ folders")
+        check_labels(labels[split], n_classes, lists / f"{stem}_{split}.txt")
+    check_images_exist(images, files["train"], images_what)
+    return files, labels, counts
+
+
+def load_imagenet_lt(root: Path, n_classes: int) -> LTData:
+    what = "the ImageNet-LT file lists (ImageNet_LT_train.txt, ImageNet_LT_val.txt, ImageNet_LT_test.txt)"
+    files, labels, counts = read_split_lists(root / IMAGENET_LT_FOLDER, "ImageNet_LT", root / IMAGENET_FOLDER,
+                                             n_classes, "ImageNet-LT", what,
+                                             "the ImageNet (ILSVRC-2012 CLS-LOC) train/ and val/ folders")
     names = _wnid_names(files["train"], labels["train"], n_classes)
     return file_dataset("ImageNet", files, labels, names, counts, color_jitter=True)
 

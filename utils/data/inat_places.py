@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.data.imagenet_lt import check_images_exist, check_labels, file_dataset, read_list, train_class_counts
+from utils.data.imagenet_lt import (check_images_exist, check_labels, file_dataset, read_list, read_split_lists,
+                                    train_class_counts)
 from utils.data.lt_data import LTData
 
 __all__ = ["load_inat2018", "load_places_lt", "carve_validation", "INAT_FOLDER", "PLACES_LISTS", "PLACES_IMAGES"]
@@ -42,7 +43,7 @@ PLACES_IMAGES = "Places365"
 
 
 def _under(folder: Path, names: list[str]) -> list[str]:
-    return [str(folder / n.lstrip("/")) for n in names]
+    return [str(folder / n.lstrip("/")) for n in names]  # as read_split_lists
 
 
 def carve_validation(labels: np.ndarray) -> np.ndarray:
@@ -76,16 +77,9 @@ def load_inat2018(root: Path, n_classes: int) -> LTData:
 
 
 def load_places_lt(root: Path, n_classes: int) -> LTData:
-    lists, images = root / PLACES_LISTS, root / PLACES_IMAGES
     what = "the Places-LT file lists (Places_LT_train.txt, Places_LT_val.txt, Places_LT_test.txt)"
-    files, labels = {}, {}
-    for split in ("train", "val", "test"):
-        names, y = read_list(lists / f"Places_LT_{split}.txt", what)
-        files[split], labels[split] = _under(images, names), y
-    counts = train_class_counts(labels["train"], n_classes, lists / "Places_LT_train.txt", "Places-LT")
-    for split in ("val", "test"):
-        check_labels(labels[split], n_classes, lists / f"Places_LT_{split}.txt")
-    check_images_exist(images, files["train"], "the Places365 images the lists name")
+    files, labels, counts = read_split_lists(root / PLACES_LISTS, "Places_LT", root / PLACES_IMAGES, n_classes,
+                                             "Places-LT", what, "the Places365 images the lists name")
     class_names = _class_folders(files["train"], labels["train"], n_classes)
     return file_dataset("PlacesLT", files, labels, class_names, counts, color_jitter=True)
 
