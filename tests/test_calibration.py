@@ -84,3 +84,12 @@ def test_blockwise_calibration_equals_the_plain_softmax(monkeypatch):
         assert result["NLL"] == pytest.approx(nll, rel=1e-12)
         assert result["Brier"] == pytest.approx(brier, rel=1e-12)
     assert blocks["bins"] == whole["bins"] and blocks["ECE"] == pytest.approx(whole["ECE"], abs=1e-15)
+
+
+def test_a_tie_is_predicted_as_acc_json_predicts_it():
+    # logits (1, 1, 0): argmax takes the first maximum, class 0, so label 1 is wrong and label 0 right;
+    # confidence e / (2e + 1) = 0.42232 in bin 6 = (0.4, 0.4667]
+    logits = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    bins = calibration(logits, torch.tensor([1, 0]))["bins"]
+    assert bins["count"][6] == 2 and bins["accuracy"][6] == 0.5
+    assert bins["confidence"][6] == pytest.approx(math.e / (2 * math.e + 1), abs=1e-12)

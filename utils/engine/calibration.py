@@ -77,12 +77,16 @@ def _per_image(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
     for start in range(0, logits.shape[0], rows):
         z = logits[start:start + rows].detach().double()
         y = labels[start:start + rows].to(z.device).long()[:, None]
-        log_total = torch.logsumexp(z, dim=1, keepdim=True)
-        predicted = z.argmax(dim=1, keepdim=True)  # float32 -> float64 keeps the order: acc.json's prediction
-        confidence = (z.gather(1, predicted) - log_total).exp()
-        log_p_y = z.gather(1, y) - log_total
+        # one exp per logit: e = exp(z - max), p = e / sum(e); the max is the prediction's logit
+        # (float32 -> float64 keeps the order, and max, like argmax, takes the first of ties:
+        # acc.json's prediction), so its probability, the confidence, is 1 / sum(e)
+        top, predicted = z.max(dim=1, keepdim=True)
+        e = (z - top).exp_()
+        total = e.sum(dim=1, keepdim=True)
+        confidence = total.reciprocal()
+        log_p_y = z.gather(1, y) - top - total.log()
         # sum_c (p_c - [c = y])^2 = sum_c p_c^2 - 2 p_y + 1
-        brier = (2 * (z - log_total)).exp().sum(dim=1, keepdim=True) - 2 * log_p_y.exp() + 1
+        brier = e.square_().sum(dim=1, keepdim=True) / total.square() - 2 * log_p_y.exp() + 1
         out.append(torch.cat([confidence, (predicted == y).double(), -log_p_y, brier], dim=1).cpu())
     table = torch.cat(out) if out else torch.zeros(0, 4, dtype=torch.float64)
     return tuple(table.T)
