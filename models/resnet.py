@@ -1,6 +1,7 @@
 """ResNet backbones for long-tailed recognition.
 
-``LTModel.encoder`` is a torchvision ResNet so that state-dict keys are exactly
+``LTModel.encoder`` is a torchvision ResNet (or ResNet-32, models/resnet32.py, built with
+torchvision's block and attribute names) so that state-dict keys are exactly
 torchvision's names under ``encoder.`` (interchangeable with the published
 implementation). The classifier lives at ``encoder.fc`` (``nn.Linear`` or
 :class:`~models.classifiers.ETFClassifier`).
@@ -14,12 +15,13 @@ import torch.nn as nn
 import torchvision
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from utils.names import BASIC_BLOCK_MODELS, LARGE_INPUT_MODELS, RESNET_MODELS
+from utils.names import BASIC_BLOCK_MODELS, FEATURE_DIMS, LARGE_INPUT_MODELS, RESNET_MODELS
 
 from .backbone_options import OneParamBN, PreActBasicBlock, make_activation
 from .classifiers import make_classifier
 from .head import LTHead
 from .logit_adjust import LogitAdjuster
+from .resnet32 import CifarResNetEncoder
 
 __all__ = ["LTModel", "build_model", "SUPPORTED_MODELS", "FEATURE_DIM"]
 
@@ -29,10 +31,18 @@ _CONSTRUCTORS = {
     "IMResNet18": torchvision.models.resnet18,
     "IMResNet34": torchvision.models.resnet34,
     "ResNeXt50": torchvision.models.resnext50_32x4d,
+    "ResNet50": torchvision.models.resnet50,
+    "ResNet152": torchvision.models.resnet152,
 }
-assert set(_CONSTRUCTORS) == set(RESNET_MODELS)
-SUPPORTED_MODELS = tuple(_CONSTRUCTORS)  # in the order the error messages list them
-FEATURE_DIM = {"ResNet18": 512, "ResNet34": 512, "IMResNet18": 512, "IMResNet34": 512, "ResNeXt50": 2048}
+assert set(_CONSTRUCTORS) | {"ResNet32"} == set(RESNET_MODELS)
+SUPPORTED_MODELS = tuple(_CONSTRUCTORS) + ("ResNet32",)  # in the order the error messages list them
+FEATURE_DIM = {name: FEATURE_DIMS[name] for name in RESNET_MODELS}
+_STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
+
+
+def _stages(encoder: nn.Module) -> list[nn.Sequential]:
+    """The residual stages: layer1-4 of torchvision's ResNets, layer1-3 of ResNet-32."""
+    return [getattr(encoder, n) for n in _STAGE_NAMES if hasattr(encoder, n)]
 
 
 class LTModel(LTHead):
@@ -53,19 +63,18 @@ class LTModel(LTHead):
         x = e.relu(e.bn1(e.conv1(x)))
         if not self.small_input:
             x = e.maxpool(x)
-        x = e.layer1(x)
-        x = e.layer2(x)
-        x = e.layer3(x)
-        x = e.layer4(x)
+        for stage in _stages(e):
+            x = stage(x)
         x = e.avgpool(x)  # AdaptiveAvgPool2d((1, 1)): any spatial size works
         return torch.flatten(x, 1)
 
     def _blocks(self) -> Iterator[nn.Module]:
-        for layer in (self.encoder.layer1, self.encoder.layer2, self.encoder.layer3, self.encoder.layer4):
+        for layer in _stages(self.encoder):
             yield from layer
 
     def identity_bn_modules(self) -> list[nn.Module]:
-        """The stem's ``bn1`` and every downsample BN."""
+        """The stem's ``bn1`` and every downsample BN (ResNet-32's option-A shortcuts have none:
+        its stem BN alone)."""
         modules = [self.encoder.bn1]
         for block in self._blocks():
             if isinstance(block, (BasicBlock, Bottleneck, PreActBasicBlock)) and block.downsample is not None:
@@ -98,10 +107,11 @@ def build_model(
     one_param_bn: bool = False,
     use_dr_balancer: bool = False,
 ) -> LTModel:
-    """Build an :class:`LTModel` (torchvision default init throughout).
+    """Build an :class:`LTModel` (torchvision's default init; ResNet32: Kaiming normal, models/resnet32.py).
 
     ``small_input`` (CIFAR stem: 3x3 stride-1 conv, no max-pool) defaults to
-    False for the IMResNet names and True otherwise.  ``activation_type`` replaces
+    False for the IMResNet names and ResNet50/152 and True otherwise; ResNet32 always has its
+    3x3 stem.  ``activation_type`` replaces
     every ReLU of the backbone (stem and blocks; not ``last_relu``).
     ``identity_skip`` turns the basic blocks into pre-activation blocks;
     ``one_param_bn`` gives the stem BN and the blocks' BNs one shared scale and
@@ -116,8 +126,12 @@ def build_model(
     n_classes = int(n_classes)
     if small_input is None:
         small_input = name not in LARGE_INPUT_MODELS
-    encoder = _CONSTRUCTORS[name](weights=None, num_classes=n_classes)
-    _set_stem(encoder, in_channels, small_input)
+    if name == "ResNet32":
+        encoder = CifarResNetEncoder(n_classes, in_channels)  # its own 3x3 stem, never the 224-pixel one
+        small_input = True
+    else:
+        encoder = _CONSTRUCTORS[name](weights=None, num_classes=n_classes)
+        _set_stem(encoder, in_channels, small_input)
     _set_blocks(encoder, identity_skip, one_param_bn)
     _set_activations(encoder, activation_type, activation_param)
     for m in encoder.modules():
@@ -136,7 +150,7 @@ def build_model(
 
 
 def _check_options(name, n_classes, identity_skip, one_param_bn, use_dr_balancer, use_etf, class_counts) -> None:
-    if name not in _CONSTRUCTORS:
+    if name not in RESNET_MODELS:
         raise ValueError(f"model.name '{name}' is not supported; choose one of " + ", ".join(SUPPORTED_MODELS))
     if int(n_classes) < 1:
         raise ValueError(f"n_classes must be >= 1, got {n_classes}")
@@ -161,8 +175,7 @@ def _set_blocks(encoder: torchvision.models.ResNet, identity_skip: bool, one_par
         encoder.bn1 = OneParamBN(encoder.bn1.num_features)
     if not (identity_skip or one_param_bn):
         return
-    for layer_name in ("layer1", "layer2", "layer3", "layer4"):
-        layer = getattr(encoder, layer_name)
+    for layer in _stages(encoder):
         for i, block in enumerate(layer):
             if identity_skip:
                 layer[i] = PreActBasicBlock(block, one_param_bn=one_param_bn)
@@ -175,6 +188,6 @@ def _set_activations(encoder: torchvision.models.ResNet, activation_type: str, a
     if activation_type == "relu":
         return
     encoder.relu = make_activation(activation_type, activation_param)
-    for layer in (encoder.layer1, encoder.layer2, encoder.layer3, encoder.layer4):
+    for layer in _stages(encoder):
         for block in layer:
             block.relu = make_activation(activation_type, activation_param)

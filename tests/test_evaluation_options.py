@@ -103,7 +103,7 @@ def test_flip_tta_and_param_search_runs(stage1):
     assert acc == pytest.approx(expected)
     with open(run / "tau_sweep.csv") as fh:
         sweep = list(csv.DictReader(fh))
-    assert list(sweep[0]) == ["tau", "val_All", "val_Many", "val_Medium", "val_Few"]
+    assert list(sweep[0]) == ["tau", "val_All", "val_Many", "val_Medium", "val_Few", "val_ECE"]
     assert float(sweep[0]["val_All"]) == pytest.approx(expected["All"], abs=1e-6)
     assert set(json.loads((run / "tau_sweep.json").read_text())) == {"best_tau", "additive", "taus", "val"}
     assert set(json.loads((run / "fdr.json").read_text())) == {"train", "val"}

@@ -266,7 +266,7 @@ def test_bn_weight_init_pretrained_from_a_run(tmp_path):
       "pretrained_beta": 0.0}, "model.pretrained_path is empty"),
     ({"use_dr_balancer": True}, "model.use_dr_balancer = true scales the ETF classifier's norms; set model.use_etf"),
     ({"name": "ResNeXt50", "one_param_bn": True}, "model.one_param_bn = true is built for ResNet34, ResNet18, "
-                                                  "IMResNet34, IMResNet18 (basic blocks), not ResNeXt50"),
+                                                  "IMResNet34, IMResNet18, ResNet32 (basic blocks), not ResNeXt50"),
     ({"use_bn": False}, "model.use_bn = false does not apply to ResNet34: the original's ResNets support only true"),
     ({"add_skip": True}, "model.add_skip = true does not apply to ResNet34"),
     ({"activation_type": "tanh"}, "model.activation_type = 'tanh' is not allowed; choose one of: relu, lrelu"),

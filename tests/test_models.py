@@ -74,9 +74,10 @@ def test_large_input_variant_and_in_channels():
 
 
 def test_unsupported_name():
-    with pytest.raises(ValueError, match=r"model.name 'ResNet50' is not supported; "
-                                         r"choose one of ResNet18, ResNet34, IMResNet18, IMResNet34, ResNeXt50"):
-        build_model("ResNet50", 10)
+    with pytest.raises(ValueError, match=r"model.name 'ResNet101' is not supported; "
+                                         r"choose one of ResNet18, ResNet34, IMResNet18, IMResNet34, ResNeXt50, "
+                                         r"ResNet50, ResNet152, ResNet32$"):
+        build_model("ResNet101", 10)
 
 
 def test_bn_eps():

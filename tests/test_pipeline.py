@@ -40,6 +40,11 @@ def test_paper_method_two_stages_write_every_file(in_tmp, write_json, capsys):
     conf = np.load(run / "confMat.npy")
     assert conf.shape == (10, 10) and np.allclose(conf.sum(axis=1), 1.0)
     assert acc["All"] == pytest.approx(float(np.mean(np.diag(conf))))
+    topk = json.loads((run / "topk.json").read_text())
+    assert topk["top1"] == acc and topk["top5"]["All"] >= acc["All"]
+    calib = json.loads((run / "calibration.json").read_text())
+    assert sum(calib["bins"]["count"]) == 597 and 0 <= calib["ECE"] <= 1 and calib["NLL"] > 0
+    assert 0 <= calib["Brier"] <= 2
     rows = _read_csv(run / "metrics.csv")
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert {"lr", "train_loss", "train_ce", "train_weight_decay", "train_feature_reg", "val_acc", "seconds"} <= set(rows[0])

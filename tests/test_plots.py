@@ -1,5 +1,7 @@
 """Every figure of SPEC 8 from tiny runs, the per-class records behind them,
 and the TensorBoard extras (weight-norm histograms, figures, hparams)."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from utils.engine.records import class_mean, forgetting_scores, head_to_tail
 
 STAGE1_PNGS = {"confusion_matrix", "confusion_groups", "per_class_accuracy", "weight_norm", "weight_cosine",
                "feature_norm", "feature_weight", "train_loss_per_class", "accuracy_curves",
-               "weight_norm_evolution", "forgetting", "montage"}
+               "weight_norm_evolution", "forgetting", "montage", "reliability"}
 
 
 def _check_png(path):
@@ -125,6 +127,8 @@ def test_plot_run_from_files_with_many_classes_and_rgb_images(tmp_path):
     torch.save({"acc_train": torch.rand(epochs), "acc_val": torch.rand(epochs), "weight_norm": torch.rand(epochs, k),
                 "correct": torch.rand(epochs, len(labels)) > 0.5, "class_loss": torch.rand(epochs, k),
                 "labels": labels, "best_epoch": 2}, tmp_path / "trackRecords.ckpt")
+    from utils.engine.calibration import calibration
+    (tmp_path / "calibration.json").write_text(json.dumps(calibration(torch.randn(len(labels), k) * 3, labels)))
     images = torch.randint(0, 256, (len(labels), 3, 16, 16), dtype=torch.uint8)
     paths = plot_run(tmp_path, images, labels)
     assert {p.stem for p in paths} == STAGE1_PNGS

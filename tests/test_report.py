@@ -116,3 +116,22 @@ def test_csv_only_when_asked_and_beside_the_runs(exp, tmp_path, monkeypatch, cap
     assert f"CSV written to {exp / 'report.csv'}" in capsys.readouterr().out
     assert main([str(exp), "--csv", str(tmp_path / "mine.csv")]) == 0
     assert (tmp_path / "mine.csv").is_file()
+
+
+def test_top5_and_calibration_columns(tmp_path, capsys):
+    root = tmp_path / "exp"
+    for seed, (top5_all, ece, nll, brier) in enumerate([(0.80, 0.10, 1.2, 0.50), (0.90, 0.20, 1.4, 0.70)]):
+        run = _run(root, "INat2018", "first", "ce", seed, [0.5, 0.6, 0.5, 0.4], (1.0, 2.0), model="ResNet50")
+        (run / "topk.json").write_text(json.dumps({"top1": {}, "top5": {"All": top5_all, "Many": 0.9,
+                                                                        "Medium": 0.8, "Few": 0.7}}))
+        (run / "calibration.json").write_text(json.dumps({"ECE": ece, "NLL": nll, "Brier": brier}))
+    _run(root, "Digits", "first", "old", 0, [0.5, 0.5, 0.5, 0.5])  # before topk.json / calibration.json
+    assert main([str(root), "--sort", "ECE"]) == 0
+    text = capsys.readouterr().out
+    assert "| Top5_All | Top5_Many | Top5_Medium | Top5_Few | ECE (%) | NLL | Brier |" in text
+    # top-5 All 80/90 -> 85 ± 7.07; ECE 10/20 % -> 15 ± 7.07; NLL 1.3 ± 0.141; Brier 0.6 ± 0.141
+    assert ("| 85.00 ± 7.07 | 90.00 ± 0.00 | 80.00 ± 0.00 | 70.00 ± 0.00 | 15.00 ± 7.07 | 1.300 ± 0.141 | "
+            "0.600 ± 0.141 |") in text
+    assert "| Digits | ResNet18 | first | old | 1 | 50.00 | 50.00 | 50.00 | 50.00 | – | – | – | – | – | – | – | – | – |" in text
+    # the lowest ECE first; a run without calibration.json last
+    assert text.index("INat2018") < text.index("| Digits")

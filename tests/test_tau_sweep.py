@@ -60,7 +60,8 @@ def test_sweep_picks_best_validation_tau_and_matches_single_runs(tmp_path, write
     run = second("sweep", logit_adjustment_tau_sweep="0:1.5:4")
     rows = _read(run / "tau_sweep.csv")
     assert [float(r["tau"]) for r in rows] == [0.0, 0.5, 1.0, 1.5]
-    assert list(rows[0]) == ["tau"] + [f"{s}_{g}" for s in ("val", "test") for g in ("All", "Many", "Medium", "Few")]
+    assert list(rows[0]) == ["tau"] + [f"{s}_{g}" for s in ("val", "test")
+                                       for g in ("All", "Many", "Medium", "Few", "ECE")]
     val_all = [float(r["val_All"]) for r in rows]
     best = rows[val_all.index(max(val_all))]
     choice = json.loads((run / "tau_sweep.json").read_text())
@@ -70,6 +71,9 @@ def test_sweep_picks_best_validation_tau_and_matches_single_runs(tmp_path, write
     acc = json.loads((run / "acc.json").read_text())
     for g in ("All", "Many", "Medium", "Few"):
         assert acc[g] == pytest.approx(float(best[f"test_{g}"]), abs=1e-6)
+    # and the sweep's ECE column at that tau is the run's calibration.json
+    assert json.loads((run / "calibration.json").read_text())["ECE"] == pytest.approx(float(best["test_ECE"]),
+                                                                                       abs=1e-6)
     assert "best tau" in (run / "train.log").read_text()
 
     # a swept tau gives what a single-tau run at that tau gives

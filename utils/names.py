@@ -5,22 +5,28 @@ loading torch.
 """
 
 # data.name
-DATASETS = ("Cifar10", "Cifar100", "Digits", "ImageNet", "MiniImagenet", "Helena", "MNIST")
+DATASETS = ("Cifar10", "Cifar100", "Digits", "ImageNet", "MiniImagenet", "Helena", "MNIST", "INat2018", "PlacesLT")
 # decoded from image files under data.root; the original gives them the 224-pixel stem
-IMAGE_FILE_DATASETS = ("ImageNet", "MiniImagenet")
+IMAGE_FILE_DATASETS = ("ImageNet", "MiniImagenet", "INat2018", "PlacesLT")
 # a feature table, not images (its only model is TableMLP)
 TABLE_DATASETS = ("Helena",)
 
 # model.name, by family
-RESNET_MODELS = ("ResNet34", "ResNet18", "ResNeXt50", "IMResNet34", "IMResNet18")
-# basic blocks (identity_skip and one_param_bn rebuild them; ResNeXt50 has bottlenecks)
-BASIC_BLOCK_MODELS = ("ResNet34", "ResNet18", "IMResNet34", "IMResNet18")
+RESNET_MODELS = ("ResNet34", "ResNet18", "ResNeXt50", "IMResNet34", "IMResNet18", "ResNet32", "ResNet50",
+                 "ResNet152")
+# basic blocks (identity_skip and one_param_bn rebuild them; ResNeXt50 and ResNet50/152 have bottlenecks)
+BASIC_BLOCK_MODELS = ("ResNet34", "ResNet18", "IMResNet34", "IMResNet18", "ResNet32")
 # torchvision's 224-pixel stem (7x7 stride-2 conv and max-pool) whatever the dataset
-LARGE_INPUT_MODELS = ("IMResNet34", "IMResNet18")
+LARGE_INPUT_MODELS = ("IMResNet34", "IMResNet18", "ResNet50", "ResNet152")
+# torchvision's ImageNet architectures: model.init_weights may load a torchvision state_dict into them
+TORCHVISION_MODELS = ("ResNet34", "ResNet18", "ResNeXt50", "IMResNet34", "IMResNet18", "ResNet50", "ResNet152")
 SMALL_MODELS = ("TableMLP", "BNLeNet5", "BNMLP", "MLResBlock")
 # the small networks whose width and depth come from model.mlp_features_d / mlp_hlayer_n
 MLP_MODELS = ("BNMLP", "MLResBlock")
 MODELS = RESNET_MODELS + SMALL_MODELS
+# D, the size of the features the classifier reads (the MLP models: model.mlp_features_d)
+FEATURE_DIMS = {"ResNet34": 512, "ResNet18": 512, "IMResNet34": 512, "IMResNet18": 512, "ResNeXt50": 2048,
+                "ResNet32": 64, "ResNet50": 2048, "ResNet152": 2048, "TableMLP": 512, "BNLeNet5": 84}
 
 # class groups by training count (SPEC 8): Many n > many_threshold, Few n < few_threshold
 GROUPS = ("Many", "Medium", "Few")
@@ -31,6 +37,8 @@ PROVENANCE_FILE = "provenance.json"
 BEST_PARAM_FILE = "best.paramOnly"
 CHECKPOINT_FILE = "checkpoint.ckpt"
 ACC_FILE = "acc.json"
+TOPK_FILE = "topk.json"
+CALIBRATION_FILE = "calibration.json"
 FDR_FILE = "fdr.json"
 SPARSITY_FILE = "sparsity.json"
 CONFMAT_FILE = "confMat.npy"

@@ -17,7 +17,8 @@ from dataclasses import fields
 from utils.config.schema import NOT_BUILT, SECTIONS, Config, OptimConfig, key_of
 from utils.config.values import RANGES, Range, check_field, short
 from utils.errors import ConfigError
-from utils.names import BASIC_BLOCK_MODELS, MLP_MODELS, RESNET_MODELS, TABLE_DATASETS
+from utils.names import (BASIC_BLOCK_MODELS, FEATURE_DIMS, MLP_MODELS, RESNET_MODELS, TABLE_DATASETS,
+                         TORCHVISION_MODELS)
 from utils.config.sweep_spec import check_sweep
 
 FLOAT32_TINY = 2.0 ** -126  # the smallest normal float32 (1.2e-38)
@@ -32,6 +33,9 @@ def validate(cfg: Config) -> None:
     """Field choices and ranges, cross-field rules, and not-yet-built features."""
     _check_fields(cfg)
     _check_model_options(cfg)
+    _check_etf_size(cfg)
+    _check_init_weights(cfg)
+    _check_stages(cfg)
     _check_not_built(cfg)
     _check_table_data(cfg)
     _check_optim(cfg.optim)
@@ -87,7 +91,7 @@ def _check_norm_param(o: OptimConfig) -> None:
 
 # Inputs of each dataset as the MLP models see them (flattened C x H x W, or Helena's features).
 INPUT_FEATURES = {"Digits": 64, "MNIST": 784, "Cifar10": 3072, "Cifar100": 3072, "ImageNet": 3 * 224 * 224,
-                  "MiniImagenet": 3 * 224 * 224, "Helena": 27}
+                  "MiniImagenet": 3 * 224 * 224, "Helena": 27, "INat2018": 3 * 224 * 224, "PlacesLT": 3 * 224 * 224}
 MAX_MLP_WEIGHTS = 2 ** 30  # 4 GiB of float32 weights; training holds 3-4 times that
 
 
@@ -178,6 +182,41 @@ def _check_model_options(cfg: Config) -> None:
         if dist == "pretrained" and not m.pretrained_path:
             raise ConfigError("model.bn_weight_init_distribution = 'pretrained' reads the BN weights of "
                               "<model.pretrained_path>/<seed>/best.paramOnly; model.pretrained_path is empty")
+
+
+def feature_dim(m) -> int:
+    """D, the size of the features the classifier of ``model.name`` reads."""
+    return m.mlp_features_d if m.name in MLP_MODELS else FEATURE_DIMS[m.name]
+
+
+def _check_etf_size(cfg: Config) -> None:
+    """SPEC 5: the ETF's K directions are orthogonal columns in D dimensions, so D >= K."""
+    m, k = cfg.model, cfg.data.n_classes
+    d = feature_dim(m)
+    if m.use_etf and k > d:
+        raise ConfigError(f"model.use_etf = true needs D >= K, but model.name = {m.name!r} has D = {d} features "
+                          f"and data.n_classes = {k} (K): an ETF classifier has K orthogonal directions in D "
+                          f"dimensions; set model.use_etf = false (a Linear classifier) or use a model with D >= {k}")
+
+
+def _check_stages(cfg: Config) -> None:
+    """ResNet-32 has three stages: weight_decay_target_modules' index 4 (layer4) names nothing in it."""
+    modules = cfg.optim.weight_decay_target_modules
+    if cfg.model.name == "ResNet32" and cfg.optim.weight_decay_limit and modules and 4 in modules:
+        raise ConfigError(f"optim.weight_decay_target_modules = {json.dumps(modules)} names module 4 (layer4), which "
+                          "model.name = 'ResNet32' does not have; its modules are 0 stem, 1-3 layer1-3, 5 classifier")
+
+
+def _check_init_weights(cfg: Config) -> None:
+    m = cfg.model
+    if not m.init_weights:
+        return
+    if m.name not in TORCHVISION_MODELS:
+        raise ConfigError(f"model.init_weights loads a torchvision state_dict; model.name = {m.name!r} is not a "
+                          f"torchvision architecture (choose one of {', '.join(TORCHVISION_MODELS)})")
+    if cfg.project_name == "second" and m.is_pretrained:
+        raise ConfigError("model.init_weights with model.is_pretrained = true: stage 2 loads the stage-1 weights, "
+                          "which would replace them; set model.init_weights = '' (give it to stage 1)")
 
 
 def _check_optim(o: OptimConfig) -> None:

@@ -47,7 +47,7 @@ class DataConfig:
                               "power of two <= 1024 x 64 x 64 / input pixels, at most 1024: 1024 for CIFAR, 64 at "
                               "224 x 224; on CPU 64, where small batches stay in cache and run 1.4x faster)",
                               check="batch0")
-    num_workers: int = _f(4, "DataLoader workers decoding image files (ImageNet, MiniImagenet; 0 = in the main process)",
+    num_workers: int = _f(4, "DataLoader workers decoding image files (ImageNet, MiniImagenet, INat2018, PlacesLT; 0 = in the main process)",
                           check="workers")
     helena_counts: str = _f("all", "Helena class sizes (groups, prior, CB weights): all = whole file as the original, "
                             "train = training rows", ("all", "train"))
@@ -96,6 +96,9 @@ class ModelConfig:
     use_bn: bool = _f(True, "BatchNorm in MLP models (only true is supported)")
     add_skip: bool = _f(False, "skip connections in TableMLP")
     ignore_restrict_load: bool = _f(False, "stage 2: load the state dict non-strictly (skipped keys are logged)")
+    init_weights: str = _f("", "stage 1: start the backbone from this torchvision ImageNet state_dict (a .pth of "
+                           "torchvision's names, read weights-only; its fc.* classifier is dropped); torchvision "
+                           "models only ('' = random init)", check="path")
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Loading a long-tailed dataset by name (:func:`load_dataset`), and Digits-LT.
 
 Every dataset is split by the rule of utils/data/lt_data.py (CIFAR-10/100, Digits) or by its own
-files and rules (utils/data/imagenet_lt.py: ImageNet-LT, mini-ImageNet-LT; utils/data/extra_datasets.py:
+files and rules (utils/data/imagenet_lt.py: ImageNet-LT, mini-ImageNet-LT; utils/data/inat_places.py:
+iNaturalist-2018, Places-LT; utils/data/extra_datasets.py:
 Helena, MNIST).  Loading is fully deterministic: no random numbers are used anywhere.
 
 Digits: ``sklearn.datasets.load_digits()`` (1,797 images, values 0..16).  For each class, in
@@ -22,6 +23,7 @@ from utils.data.cifar import load_cifar
 from utils.errors import DataError
 from utils.data.extra_datasets import load_helena, load_mnist
 from utils.data.imagenet_lt import load_imagenet_lt, load_mini_imagenet_lt
+from utils.data.inat_places import load_inat2018, load_places_lt
 from utils.data.lt_data import VAL_PER_CLASS, LTData, long_tailed_counts, one_line, split_long_tailed, to_tensors
 from utils.names import DATASETS
 
@@ -55,6 +57,10 @@ def load_dataset(name: str, root: str | Path, imb_type: str, imb_factor: float, 
     root = Path(root)
     if canon == "ImageNet":
         return load_imagenet_lt(root, n_classes)
+    if canon == "INat2018":
+        return load_inat2018(root, n_classes)
+    if canon == "PlacesLT":
+        return load_places_lt(root, n_classes)
     if canon == "MiniImagenet":
         return load_mini_imagenet_lt(root, imb_factor, n_classes)
     if canon == "Helena":

@@ -37,7 +37,10 @@ from utils.errors import DataError
 from utils.data.lt_data import LTData
 
 __all__ = ["load_imagenet_lt", "load_mini_imagenet_lt", "make_mini_imagenet_splits", "mini_imagenet_counts",
-           "imagenet_transforms", "IMAGENET_MEAN", "IMAGENET_STD", "need_file"]
+           "imagenet_transforms", "IMAGENET_MEAN", "IMAGENET_STD", "need_file",
+           # the readers iNaturalist-2018 and Places-LT share (utils/data/inat_places.py)
+           "read_list", "read_split_lists", "train_class_counts", "check_labels", "check_images_exist",
+           "file_dataset"]
 
 IMAGE_SIZE = 224  # the side of the crops the image-file datasets' transforms produce
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -69,7 +72,7 @@ def imagenet_transforms(color_jitter: bool):
     return T.Compose(train), T.Compose(evaluation)
 
 
-def _read_list(path: Path, what: str) -> tuple[list[str], np.ndarray]:
+def read_list(path: Path, what: str) -> tuple[list[str], np.ndarray]:
     """Lines "<name> <label>" (extra columns ignored, blank lines skipped)."""
     need_file(path, what)
     names, labels = [], []
@@ -94,7 +97,7 @@ def _read_list(path: Path, what: str) -> tuple[list[str], np.ndarray]:
     return names, np.asarray(labels, dtype=np.int64)
 
 
-def _class_counts(train_labels: np.ndarray, n_classes: int, source: Path, name: str) -> list[int]:
+def train_class_counts(train_labels: np.ndarray, n_classes: int, source: Path, name: str) -> list[int]:
     k = int(train_labels.max()) + 1
     if k != n_classes:
         raise DataError(f"data.n_classes = {n_classes} does not match {name}: {source} has labels "
@@ -107,13 +110,13 @@ def _class_counts(train_labels: np.ndarray, n_classes: int, source: Path, name: 
     return counts.tolist()
 
 
-def _check_labels(labels: np.ndarray, n_classes: int, source: Path) -> None:
+def check_labels(labels: np.ndarray, n_classes: int, source: Path) -> None:
     if labels.max() >= n_classes:
         raise DataError(f"{source} has label {int(labels.max())}, but the training list has only "
                         f"{n_classes} classes (0..{n_classes - 1})")
 
 
-def _check_images_exist(folder: Path, paths: list[str], what: str) -> None:
+def check_images_exist(folder: Path, paths: list[str], what: str) -> None:
     if not folder.is_dir():
         raise DataError(f"image folder {folder} not found; put {what} there (see datasets/README.md)")
     first = Path(paths[0])
@@ -121,7 +124,7 @@ def _check_images_exist(folder: Path, paths: list[str], what: str) -> None:
         raise DataError(f"image {first} (the first one listed) not found; put {what} under {folder}")
 
 
-def _file_dataset(name: str, files: dict, labels: dict, class_names: list[str], counts: list[int],
+def file_dataset(name: str, files: dict, labels: dict, class_names: list[str], counts: list[int],
                   color_jitter: bool) -> LTData:
     train_tf, eval_tf = imagenet_transforms(color_jitter)
     as_tensor = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64)) for k, v in labels.items()}
@@ -139,22 +142,30 @@ def _file_dataset(name: str, files: dict, labels: dict, class_names: list[str], 
     )
 
 
-def load_imagenet_lt(root: Path, n_classes: int) -> LTData:
-    lists = root / IMAGENET_LT_FOLDER
-    images = root / IMAGENET_FOLDER
-    what = "the ImageNet-LT file lists (ImageNet_LT_train.txt, ImageNet_LT_val.txt, ImageNet_LT_test.txt)"
+def read_split_lists(lists: Path, stem: str, images: Path, n_classes: int, name: str, what: str,
+                     images_what: str) -> tuple[dict, dict, list[int]]:
+    """({split: image paths}, {split: labels}, training class counts) of the three lists
+    ``<lists>/<stem>_{train,val,test}.txt``, each path taken under ``images`` (a leading "/"
+    dropped, as some copies of the lists have one)."""
     files, labels = {}, {}
     for split in ("train", "val", "test"):
-        path = lists / f"ImageNet_LT_{split}.txt"
-        names, y = _read_list(path, what)
-        files[split] = [str(images / n) for n in names]
+        names, y = read_list(lists / f"{stem}_{split}.txt", what)
+        files[split] = [str(images / n.lstrip("/")) for n in names]
         labels[split] = y
-    counts = _class_counts(labels["train"], n_classes, lists / "ImageNet_LT_train.txt", "ImageNet-LT")
+    counts = train_class_counts(labels["train"], n_classes, lists / f"{stem}_train.txt", name)
     for split in ("val", "test"):
-        _check_labels(labels[split], n_classes, lists / f"ImageNet_LT_{split}.txt")
-    _check_images_exist(images, files["train"], "the ImageNet (ILSVRC-2012 CLS-LOC) train/ and val/ folders")
+        check_labels(labels[split], n_classes, lists / f"{stem}_{split}.txt")
+    check_images_exist(images, files["train"], images_what)
+    return files, labels, counts
+
+
+def load_imagenet_lt(root: Path, n_classes: int) -> LTData:
+    what = "the ImageNet-LT file lists (ImageNet_LT_train.txt, ImageNet_LT_val.txt, ImageNet_LT_test.txt)"
+    files, labels, counts = read_split_lists(root / IMAGENET_LT_FOLDER, "ImageNet_LT", root / IMAGENET_FOLDER,
+                                             n_classes, "ImageNet-LT", what,
+                                             "the ImageNet (ILSVRC-2012 CLS-LOC) train/ and val/ folders")
     names = _wnid_names(files["train"], labels["train"], n_classes)
-    return _file_dataset("ImageNet", files, labels, names, counts, color_jitter=True)
+    return file_dataset("ImageNet", files, labels, names, counts, color_jitter=True)
 
 
 def _wnid_names(paths: list[str], labels, n_classes: int) -> list[str]:
@@ -232,12 +243,12 @@ def load_mini_imagenet_lt(root: Path, imb_factor: float, n_classes: int) -> LTDa
         path = folder / f"{tag}_{split}.txt"
         if split == "val" and not path.is_file() and (folder / f"{tag}_valid.txt").is_file():
             path = folder / f"{tag}_valid.txt"  # the name the original's reader looked for
-        names, y = _read_list(path, what)
+        names, y = read_list(path, what)
         files[split] = [str(train_dir / n.split("_")[0] / n) for n in names]
         labels[split] = y
-    counts = _class_counts(labels["train"], n_classes, folder / f"{tag}_train.txt", "mini-ImageNet-LT")
+    counts = train_class_counts(labels["train"], n_classes, folder / f"{tag}_train.txt", "mini-ImageNet-LT")
     for split in ("val", "test"):
-        _check_labels(labels[split], n_classes, folder / f"{tag}_{split}.txt")
-    _check_images_exist(train_dir, files["train"], "the ImageNet (ILSVRC-2012 CLS-LOC) train/ folder")
+        check_labels(labels[split], n_classes, folder / f"{tag}_{split}.txt")
+    check_images_exist(train_dir, files["train"], "the ImageNet (ILSVRC-2012 CLS-LOC) train/ folder")
     names = _wnid_names(files["train"], labels["train"], n_classes)
-    return _file_dataset("MiniImagenet", files, labels, names, counts, color_jitter=False)
+    return file_dataset("MiniImagenet", files, labels, names, counts, color_jitter=False)

@@ -1,4 +1,5 @@
-"""The final evaluation's files: accuracy by group, FDR, sparsity, the confusion matrix, the
+"""The final evaluation's files: accuracy by group (top-1 in acc.json, top-1 and top-5 in
+topk.json), calibration (calibration.json: ECE, NLL, Brier and the 15 bins), FDR, sparsity, the confusion matrix, the
 classifier weights, the per-class table, the saved features, and the run's TensorBoard
 record (test scalars and HParams).
 
@@ -13,11 +14,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from utils.engine.calibration import TOP_K, calibration, per_class_topk
 from utils.engine.evaluation import EvalPasses, accuracy_by_group, logits_of
 from utils.data.lt_data import LTData
-from utils.engine.metrics import fisher_discriminant_ratio, hoyer_sparsity, per_class_accuracy
-from utils.names import (ACC_FILE, CLASSIFIER_WEIGHT_FILE, CONFMAT_FILE, FDR_FILE, GROUPS, PER_CLASS_FILE,
-                         SPARSITY_FILE)
+from utils.engine.metrics import fisher_discriminant_ratio, group_accuracy, hoyer_sparsity, per_class_accuracy
+from utils.names import (ACC_FILE, CALIBRATION_FILE, CLASSIFIER_WEIGHT_FILE, CONFMAT_FILE, FDR_FILE, GROUPS,
+                         PER_CLASS_FILE, SPARSITY_FILE, TOPK_FILE)
 from utils.engine.records import class_mean
 from utils.run.rundir import RunDir
 from utils.run.runlog import log
@@ -33,7 +35,11 @@ def final_evaluation(model, data: LTData, train, evaluated, split_name: str, pas
     train_feats = passes.features(model, train).plain.cpu()
     feats = eval_feats.plain.cpu()
     acc, counts = accuracy_by_group(logits, evaluated.labels, data.groups())
-    rundir.write_json(ACC_FILE, acc)
+    rundir.write_json(ACC_FILE, acc)  # the original's layout, which its tools read: unchanged
+    top5 = group_accuracy(per_class_topk(logits, evaluated.labels, data.n_classes, TOP_K).tolist(), data.groups())
+    rundir.write_json(TOPK_FILE, {"top1": acc, f"top{TOP_K}": top5})
+    calib = calibration(logits, evaluated.labels)
+    rundir.write_json(CALIBRATION_FILE, calib)
     rundir.save_npy(CONFMAT_FILE, (counts.double() / counts.sum(dim=1, keepdim=True).clamp_min(1)).numpy())
     k, labels, train_labels = data.n_classes, evaluated.labels.cpu(), train.labels.cpu()
     fdr = {"train": fisher_discriminant_ratio(train_feats, train_labels, k),
@@ -52,10 +58,15 @@ def final_evaluation(model, data: LTData, train, evaluated, split_name: str, pas
             rundir.save_npy(f"labels_{name}.npy", y.numpy())
     log.info(f"{split_name} accuracy{' (flip TTA)' if hflip else ''}: "
              + ", ".join(f"{g} {acc[g]:.4f}" for g in ("All",) + GROUPS))
+    log.info(f"{split_name} top-{TOP_K}: " + ", ".join(f"{g} {top5[g]:.4f}" for g in ("All",) + GROUPS)
+             + f"; ECE {calib['ECE']:.4f}, NLL {calib['NLL']:.4f}, Brier {calib['Brier']:.4f}")
     log.info(f"FDR train {fdr['train']:.3f} {split_name} {fdr[split_name]:.3f}; "
              f"Hoyer sparsity train {sparsity['train']:.3f} {split_name} {sparsity[split_name]:.3f}")
     for g in ("All",) + GROUPS:
         writer.add_scalar(f"{split_name}/acc_{g}", acc[g], 0)
+    writer.add_scalar(f"{split_name}/top{TOP_K}_All", top5["All"], 0)
+    for name in ("ECE", "NLL", "Brier"):
+        writer.add_scalar(f"{split_name}/{name}", calib[name], 0)
     writer.add_scalar(f"{split_name}/FDR_train", fdr["train"], 0)
     writer.add_scalar(f"{split_name}/FDR_{split_name}", fdr[split_name], 0)
     return {"acc": acc, "fdr": fdr}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -29,6 +30,7 @@ from utils.names import BEST_PARAM_FILE, IMAGE_FILE_DATASETS, LARGE_INPUT_MODELS
 from utils.engine.objective import init_classifier_bias, make_objective, norm_param
 from utils.engine.params import decayed_parameters, describe_parameters, make_optimizer, trained_parameters
 from utils.engine.regularizers import MaxNorm, normalise_classifier
+from utils.run.init_weights import load_init_weights
 from utils.run.runlog import log
 from utils.run.stage1 import Stage1Run, adapt_state_dict, apply_bn_weight_init, load_into, read_stage1
 from utils.config.sweep_spec import parse_taus
@@ -135,6 +137,9 @@ def make_model(m: ModelConfig, data: LTData, seed: int = 0) -> nn.Module:
         )
     except ValueError as exc:  # an option the network cannot take (the config rules refuse most first)
         raise ConfigError(f"model.name = {m.name!r}: {exc}") from None
+    if m.init_weights:
+        loaded = load_init_weights(model, Path(m.init_weights), m.name)
+        log.info(f"model.init_weights: {loaded} backbone tensors from {m.init_weights} (classifier fresh)")
     if m.modify_bn_weight:
         apply_bn_weight_init(model, m, seed)
     return model

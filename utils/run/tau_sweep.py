@@ -7,7 +7,7 @@ best tau is the one with the highest class-averaged validation accuracy
 (ties: the smaller tau); the run then continues with that tau, so acc.json
 holds the test metrics at the chosen tau.  With ``param_search`` the test set
 is left out of the sweep as well.  Outputs: ``tau_sweep.csv`` (tau
-vs All/Many/Medium/Few on validation and test), ``tau_sweep.json`` (the
+vs All/Many/Medium/Few and the ECE on validation and test), ``tau_sweep.json`` (the
 choice) and ``imgs/tau_sweep.png``.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ import time
 
 from models.logit_adjust import LogitAdjuster
 from utils.config.schema import ModelConfig
+from utils.engine.calibration import calibration
 from utils.engine.evaluation import EvalPasses, accuracy_by_group, logits_of
 from utils.data.lt_data import LTData
 from utils.names import GROUPS, TAU_SWEEP_CSV, TAU_SWEEP_JSON
@@ -46,8 +47,10 @@ def sweep_table(model, taus: list[float], class_counts, additive: bool, splits: 
         row = {"tau": tau}
         with adjusted(model, LogitAdjuster(tau, class_counts, for_training=False, additive=additive)) as m:
             for name, feats in splits.items():
-                acc, _ = accuracy_by_group(logits_of(m.classify, feats), feats.labels, groups)
+                logits = logits_of(m.classify, feats)
+                acc, _ = accuracy_by_group(logits, feats.labels, groups)
                 row.update({f"{name}_{g}": acc[g] for g in METRICS})
+                row[f"{name}_ECE"] = calibration(logits, feats.labels)["ECE"]
         rows.append(row)
     return rows
 

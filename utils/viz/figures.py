@@ -371,3 +371,29 @@ def plot_tau_sweep(rows: list[dict], best_tau: float, path: Path) -> Path:
         ax.set_title(f"{'Validation' if split == 'val' else 'Test'} accuracy vs tau")
         ax.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+def reliability_figure(bins: dict, ece: float) -> Figure:
+    """The reliability diagram of calibration.json's bins: accuracy per confidence bin against the
+    diagonal of perfect calibration (empty bins not drawn), and how many images each bin holds."""
+    lower, upper = np.asarray(bins["lower"]), np.asarray(bins["upper"])
+    count = np.asarray(bins["count"])
+    accuracy, confidence = np.asarray(bins["accuracy"]), np.asarray(bins["confidence"])
+    width, centre, filled = upper - lower, (lower + upper) / 2, count > 0
+    fig = _figure(5.5, 6.5)
+    ax = fig.add_subplot(3, 1, (1, 2))
+    ax.bar(centre[filled], accuracy[filled], width=width[filled], color="#1f77b4", edgecolor="black",
+           label="accuracy")
+    ax.bar(centre[filled], confidence[filled] - accuracy[filled], bottom=accuracy[filled], width=width[filled],
+           color="#d62728", alpha=0.3, edgecolor="#d62728", label="gap to mean confidence")
+    ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Reliability diagram ({len(count)} bins), ECE {ece:.4f}")
+    ax.legend(fontsize=8, loc="upper left")
+    hist = fig.add_subplot(3, 1, 3, sharex=ax)
+    hist.bar(centre, count, width=width, color="grey", edgecolor="black")
+    hist.set_xlabel("confidence (max softmax probability)")
+    hist.set_ylabel("images")
+    return fig

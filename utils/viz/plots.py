@@ -3,7 +3,7 @@
 
 Training code does not plot: the command lines call :func:`draw_figures` after a run has
 finished.  ``plot_run`` reads ``per_class.csv``, ``confMat.npy``, ``classifier_weight.npy``,
-``trackRecords.ckpt`` and ``metrics.csv`` from a run directory (plus the training images,
+``trackRecords.ckpt``, ``calibration.json`` and ``metrics.csv`` from a run directory (plus the training images,
 for the montage) and writes PNGs to ``<run>/imgs/``; the figures themselves are
 utils/viz/figures.py's.
 """
@@ -23,8 +23,8 @@ from utils.errors import ConfigError, UserError
 from utils.viz.figures import (accuracy_curves_figure, bar_by_class_figure, class_loss_figure, compare_runs_figure,
                            confusion_matrix_figure, feature_norm_figure, feature_weight_figure, forgetting_figure,
                            group_confusion_figure, montage_figure, per_class_accuracy_figure, plot_tau_sweep,
-                           save_figure, stage_comparison_figure, weight_cosine_figure, weight_norm_evolution_figure)
-from utils.names import (ARGS_FILE, CLASSIFIER_WEIGHT_FILE, CONFMAT_FILE, FIGURE_EVENTS_SUFFIX, IMG_DIR,
+                           reliability_figure, save_figure, stage_comparison_figure, weight_cosine_figure, weight_norm_evolution_figure)
+from utils.names import (ARGS_FILE, CALIBRATION_FILE, CLASSIFIER_WEIGHT_FILE, CONFMAT_FILE, FIGURE_EVENTS_SUFFIX, IMG_DIR,
                          PER_CLASS_FILE, TAU_SWEEP_CSV, TAU_SWEEP_JSON, TRACK_RECORDS_FILE)
 from utils.engine.records import forgetting_scores, head_to_tail
 
@@ -64,6 +64,10 @@ def plot_run(run: Path, train_images: Optional[torch.Tensor] = None, train_label
     weight_file = run / CLASSIFIER_WEIGHT_FILE
     if weight_file.is_file():
         figures["weight_cosine"] = weight_cosine_figure(np.load(weight_file), order, names)
+    calibration_file = run / CALIBRATION_FILE
+    if calibration_file.is_file():
+        calib = read_json_file(calibration_file, CALIBRATION_FILE)
+        figures["reliability"] = reliability_figure(calib["bins"], float(calib["ECE"]))
     figures["feature_norm"] = feature_norm_figure(df, eval_split)
     figures["feature_weight"] = feature_weight_figure(df, eval_split)
     track_file = run / TRACK_RECORDS_FILE

@@ -3,7 +3,9 @@
 Collects every finished run (a folder with ``acc.json`` and ``args.json``, and a
 checkpoint marked finished) under the given directories, groups the runs by
 dataset, model, stage and experiment name, and prints one row per group: All /
-Many / Medium / Few accuracy (in percent) and FDR (train, test) as mean ± sample
+Many / Medium / Few accuracy (in percent), FDR (train, test), and where the runs recorded them
+top-5 All / Many / Medium / Few (percent, topk.json) and ECE (percent), NLL and Brier
+(calibration.json) as mean ± sample
 standard deviation over the seeds recorded in the runs, with the number of
 seeds.  Markdown goes to the terminal; the same numbers (mean and std in
 separate columns) go to a CSV file when asked (``--csv``).
@@ -20,13 +22,15 @@ import pandas as pd
 
 from utils.config.load import read_json_file
 from utils.errors import UserError
-from utils.names import ACC_FILE, ARGS_FILE, CHECKPOINT_FILE, FDR_FILE, GROUPS
+from utils.names import ACC_FILE, ARGS_FILE, CALIBRATION_FILE, CHECKPOINT_FILE, FDR_FILE, GROUPS, TOPK_FILE
 from utils.run.plan import run_state
 
 KEYS = ["dataset", "model", "stage", "exp_name"]
 ACC = ["All", *GROUPS]
 FDR = ["FDR_train", "FDR_test"]
-METRICS = ACC + FDR
+TOP5 = [f"Top5_{g}" for g in ACC]
+CALIBRATION = ["ECE", "NLL", "Brier"]
+METRICS = ACC + FDR + TOP5 + CALIBRATION
 
 
 class ReportError(UserError):
@@ -79,6 +83,9 @@ def collect_runs(dirs: Sequence[str | Path]) -> pd.DataFrame:
             args = _read_json(args_file)
             acc = _read_json(acc_file)
             fdr = _read_json(run / FDR_FILE) if (run / FDR_FILE).is_file() else {}
+            # runs of the published implementation, and older ones, have neither file: NaN there
+            top5 = _read_json(run / TOPK_FILE).get("top5", {}) if (run / TOPK_FILE).is_file() else {}
+            calib = _read_json(run / CALIBRATION_FILE) if (run / CALIBRATION_FILE).is_file() else {}
             try:
                 row = {"dataset": args["data"]["name"], "model": args["model"]["name"],
                        "stage": args.get("project_name", ""), "exp_name": args.get("exp_name", run.parent.name),
@@ -87,8 +94,10 @@ def collect_runs(dirs: Sequence[str | Path]) -> pd.DataFrame:
                 # param_search runs evaluate the validation set; their fdr.json says "val"
                 row["FDR_train"] = float(fdr.get("train", float("nan")))
                 row["FDR_test"] = float(fdr.get("test", fdr.get("val", float("nan"))))
+                row.update({f"Top5_{g}": 100.0 * float(top5.get(g, float("nan"))) for g in ACC})
+                row.update({m: float(calib.get(m, float("nan"))) for m in CALIBRATION})
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
-                raise ReportError(f"{run}: acc.json/args.json/fdr.json lack a field or hold another type "
+                raise ReportError(f"{run}: acc.json/args.json/fdr.json/topk.json/calibration.json lack a field or hold another type "
                                   f"({type(exc).__name__}: {exc})") from None
             if args.get("param_search"):
                 row["exp_name"] = f"{row['exp_name']} (val, id {args.get('param_search_id', 0)})"
@@ -136,8 +145,9 @@ def sort_table(table: pd.DataFrame, key: Optional[str], ascending: Optional[bool
     if col is None:
         allowed = ", ".join(KEYS + ["n_seeds"] + METRICS)
         raise ReportError(f"--sort {key!r} is not a column; choose one of: {allowed}")
-    if ascending is None:  # metrics: best first; names: alphabetical
-        ascending = not col.endswith("_mean") and col != "n_seeds"
+    if ascending is None:  # metrics: best first (the lowest calibration error); names: alphabetical
+        lower_is_better = col in {f"{m}_mean" for m in CALIBRATION}
+        ascending = lower_is_better or (not col.endswith("_mean") and col != "n_seeds")
     return table.sort_values(col, ascending=ascending, kind="stable", na_position="last")
 
 
@@ -149,13 +159,24 @@ def _pm(mean: float, std: float, digits: int) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def _recorded(table: pd.DataFrame, columns: list[str]) -> list[str]:
+    """The columns that some group of the table has a value of (runs before topk.json and
+    calibration.json have none: their tables keep the original columns)."""
+    return [m for m in columns if table[f"{m}_mean"].notna().any()]
+
+
 def to_markdown(table: pd.DataFrame) -> str:
-    header = KEYS + ["seeds"] + ACC + FDR
+    """Accuracy and top-5 in percent, FDR, then ECE (in percent, as papers print it), NLL and Brier."""
+    extra = _recorded(table, TOP5 + CALIBRATION)
+    header = KEYS + ["seeds"] + ACC + FDR + [("ECE (%)" if m == "ECE" else m) for m in extra]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, r in table.iterrows():
         cells = [str(r[k]) for k in KEYS] + [str(int(r["n_seeds"]))]
         cells += [_pm(r[f"{m}_mean"], r[f"{m}_std"], 2) for m in ACC]
         cells += [_pm(r[f"{m}_mean"], r[f"{m}_std"], 2) for m in FDR]
+        for m in extra:
+            scale = 100.0 if m == "ECE" else 1.0
+            cells.append(_pm(r[f"{m}_mean"] * scale, r[f"{m}_std"] * scale, 2 if m in TOP5 + ["ECE"] else 3))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -171,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write the table as CSV: to FILE, or with --csv alone to report.csv in the first "
                              "directory given (beside the runs); default: no CSV")
     parser.add_argument("--sort", default="", metavar="COLUMN",
-                        help="sort by a column: All, Many, Medium, Few, FDR_train, FDR_test (best first), "
+                        help="sort by a column: All, Many, Medium, Few, FDR_train, FDR_test, Top5_All ... Top5_Few (best "
+                             "first), ECE, NLL, Brier (best = lowest first), "
                              "n_seeds, dataset, model, stage, exp_name (default: by the group keys)")
     order = parser.add_mutually_exclusive_group()
     order.add_argument("--ascending", dest="ascending", action="store_true", default=None,
