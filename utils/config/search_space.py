@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from utils.config.load import coerce
 from utils.config.schema import SECTIONS, Config, base_type, field_type, key_of
-from utils.config.values import check_field, short
+from utils.config.values import check_field
 from utils.errors import ConfigError
 
 KINDS = ("log", "float", "int", "choice", "grid")
@@ -126,7 +126,8 @@ def parse_param(text: str) -> Param:
             if base not in (int, float) or (kind == "int") != (base is int):
                 want = "int:LOW:HIGH, choice or grid" if base is int else (
                     "log:LOW:HIGH, float:LOW:HIGH, choice or grid" if base is float else "choice or grid")
-                raise ValueError(f"{key} is {'an integer' if base is int else 'a ' + base.__name__} key: use {want}")
+                what = {int: "an integer", float: "a number", bool: "a true/false", str: "a text"}[base]
+                raise ValueError(f"{key} is {what} key: use {want}")
             parts = rest.split(":")
             if len(parts) != 2:
                 raise ValueError(f"expected {kind}:LOW:HIGH")
@@ -142,7 +143,7 @@ def parse_param(text: str) -> Param:
         try:
             check_field(section, f, coerce(value, tp, key))
         except ConfigError as exc:
-            raise ConfigError(f"--space {text!r}: the value {short(value)} is not allowed: {exc}") from None
+            raise ConfigError(f"--space {text!r}: {exc}") from None
     return param
 
 

@@ -64,7 +64,7 @@ def run_trial(stage: str, json_path: str, values: dict, run_name: str, seeds: li
         configs = trial_configs(stage, json_path, values, run_name, seeds, extra)
         for cfg in configs:
             path = run(cfg, stage, exp_root=exp_root, resume=True)
-            out.run_dirs.append(str(path))
+            out.run_dirs.append(str(Path(exp_root) / cfg.run_subdir()))  # as the user names exp_root
             score = validation_score(path)
             if not math.isfinite(score):
                 raise TrainingDiverged(f"the validation accuracy of {path} is {score}")
