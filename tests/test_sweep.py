@@ -233,3 +233,26 @@ def test_two_workers_on_one_journal_share_the_trials(tiny_json):
     started = [line for log in logs for line in log.splitlines() if line.startswith("trial ") and "(w_t" in line]
     assert sorted(started) == sorted(set(started)) and len(started) == 4
     assert all(any("(w_t" in line for line in log.splitlines()) for log in logs)  # both workers took trials
+
+
+def test_a_trial_left_running_by_a_dead_worker_is_queued_again(tiny_json):
+    import socket
+
+    from utils.run import study as studies
+    tiny_json()
+    args = ["--json_path", "tiny.json", "--study", "k", "--sampler", "grid", "--space", "optim.weight_decay=grid:0,1e-3"]
+    assert _sweep(*args, "--trials", 1) == 0
+    # a worker killed with SIGKILL while it ran trial 1 (its pid no longer exists)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    storage = studies.make_storage("", Path("exp/sweeps/k"))
+    import optuna
+    study = optuna.load_study(study_name="k", storage=storage)
+    trial = study.ask()
+    trial.set_user_attr("run_name", "k_t1")
+    trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": gone.pid})
+    assert _sweep(*args) == 0
+    trials = _trials("k")
+    assert [t["state"] for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert "worker" in trials[1]["failure"] and trials[2]["run_name"] == "k_t1"
+    assert sorted(float(t["optim.weight_decay"]) for t in trials if t["state"] == "COMPLETE") == [0.0, 1e-3]

@@ -159,6 +159,9 @@ def _sweep(args) -> int:
                                identity)
     if args.sampler == "grid":
         studies.enqueue_grid(study, params, sweep_dir)
+    for number in studies.reclaim_abandoned(study, sweep_dir):
+        print(f"trial {number} was left running by a worker of this machine that has ended; it is queued again",
+              flush=True)
     print(f"study {name}: {n_trials} trials, {args.sampler} sampler, seeds {args.seeds}, "
           f"storage {args.storage or sweep_dir / studies.JOURNAL_FILE}", flush=True)
     interrupted = _run_trials(study, params, n_trials, sweep_dir, stage, args, extra, name, run_trial)
@@ -183,6 +186,7 @@ def _run_trials(study, params, n_trials, sweep_dir, stage, args, extra, name, ru
         if trial is None:
             return False
         run_name = trial.user_attrs.get("run_name") or f"{name}_t{trial.number}"
+        studies.claim(trial, run_name)
         values = {}
         try:
             values = studies.suggest(trial, params)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import itertools
 import os
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -131,6 +132,46 @@ def next_trial(study, n_trials: int, sweep_dir: Path):
         if sum(counted(t) for t in study.get_trials(deepcopy=False)) >= n_trials:
             return None
         return study.ask()
+
+
+def claim(trial, run_name: str) -> None:
+    """Name the trial's runs and this worker on the trial, so that a later worker can tell
+    whether it is still alive (reclaim_abandoned)."""
+    trial.set_user_attr("run_name", run_name)
+    trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def reclaim_abandoned(study, sweep_dir: Path) -> list[int]:
+    """Trials left running by a worker of this machine that no longer exists (killed with SIGKILL,
+    the machine rebooted): recorded as interrupted and queued again, like a Ctrl-C.  Returns their
+    numbers.  (A worker on another machine cannot be checked from here; its trial stays running.)"""
+    from optuna.trial import TrialState
+    host, reclaimed = socket.gethostname(), []
+    with _ask_lock(sweep_dir):
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            worker = t.user_attrs.get("worker") or {}
+            if worker.get("host") != host or _alive(int(worker.get("pid", 0) or 0)) or not worker.get("pid"):
+                continue
+            run_name = t.user_attrs.get("run_name", "")
+            study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+            study._storage.set_trial_user_attr(t._trial_id, "failure",
+                                               f"its worker (pid {worker['pid']}) ended while it ran")
+            study.tell(t.number, state=TrialState.FAIL)
+            # a trial whose worker ended before it suggested its values keeps the values it was queued with
+            params = dict(t.params) or dict(t.system_attrs.get("fixed_params", {}))
+            study.enqueue_trial(params, user_attrs={"run_name": run_name} if run_name else None)
+            reclaimed.append(t.number)
+    return reclaimed
 
 
 def study_size(sampler_name: str, params: list[Param], trials: Optional[int]) -> int:
