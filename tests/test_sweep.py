@@ -256,3 +256,12 @@ def test_a_trial_left_running_by_a_dead_worker_is_queued_again(tiny_json):
     assert [t["state"] for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
     assert "worker" in trials[1]["failure"] and trials[2]["run_name"] == "k_t1"
     assert sorted(float(t["optim.weight_decay"]) for t in trials if t["state"] == "COMPLETE") == [0.0, 1e-3]
+
+
+def test_a_study_name_that_cannot_name_runs_is_refused(tiny_json, capsys):
+    tiny_json()
+    assert _sweep("--json_path", "tiny.json", "--study", "a/b", "--trials", 1,
+                  "--space", "optim.weight_decay=log:1e-4:1e-2") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --study 'a/b' cannot name its runs") and err.count("\n") == 1
+    assert not Path("exp").exists()

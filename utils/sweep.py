@@ -77,7 +77,7 @@ def _stage_of(json_path: str) -> str:
 
 
 def _check_arguments(args) -> None:
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1"):
         raise ConfigError("python -m utils.sweep runs one process per worker, not under torchrun; start one worker "
                           "per GPU instead (README \"Hyperparameter search\")")
     if args.trials is not None and args.trials < 1:
@@ -150,8 +150,12 @@ def _sweep(args) -> int:
     if stage1:
         extra["model.pretrained_path"] = stage1
     # the config, the study's name in run names and every seed, checked before any trial
-    name = args.study or read_json_file(args.json_path).get("exp_name", "naive")
-    trial_configs(stage, args.json_path, {}, f"{name}_t{n_trials + 10_000}", args.seeds, extra)
+    base = trial_configs(stage, args.json_path, {}, "check", args.seeds, extra)[0]
+    name = args.study or base.exp_name
+    try:  # the longest run name the study will give
+        trial_configs(stage, args.json_path, {}, f"{name}_t{n_trials + 10_000}", args.seeds[:1], extra)
+    except ConfigError as exc:
+        raise ConfigError(f"--study {name!r} cannot name its runs: {exc}") from None
     sweep_dir = sweeps / name
     identity = {"config": str(args.json_path), "space": [p.spec() for p in params], "stage1": stage1,
                 "sampler": args.sampler, "seeds": list(args.seeds)}
@@ -202,8 +206,15 @@ def _run_trials(study, params, n_trials, sweep_dir, stage, args, extra, name, ru
         else:
             print(f"trial {trial.number}: validation All {100 * outcome.score:.2f} % "
                   f"({outcome.seconds:.0f} s)", flush=True)
+        _progress(study, params, sweep_dir)
         if outcome.interrupted:
             return True
+
+
+def _progress(study, params, sweep_dir: Path) -> None:
+    """trials.csv after every trial, for whoever watches the sweep."""
+    from utils.run import sweep_results as results
+    results.write_trials_csv(sweep_dir / results.TRIALS_FILE, results.trial_rows(study, params))
 
 
 def _write_results(study, params, sweep_dir: Path, stage: str, args, extra: dict, name: str) -> None:
