@@ -265,3 +265,14 @@ def test_a_study_name_that_cannot_name_runs_is_refused(tiny_json, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: --study 'a/b' cannot name its runs") and err.count("\n") == 1
     assert not Path("exp").exists()
+
+
+def test_a_refused_combination_fails_its_trial_on_an_rdb_storage(tiny_json):
+    tiny_json()
+    # use_dr_balancer scales ETF norms: without an ETF classifier the config rules refuse it
+    assert _sweep("--json_path", "tiny.json", "--study", "q", "--sampler", "grid", "--storage", "sqlite:///q.db",
+                  "--space", "model.use_dr_balancer=grid:true,false") == 0
+    trials = {t["model.use_dr_balancer"]: t for t in _trials("q")}
+    assert trials["True"]["state"] == "FAIL" and "refused: model.use_dr_balancer" in trials["True"]["failure"]
+    assert trials["False"]["state"] == "COMPLETE"
+    assert Path("q.db").is_file() and not Path("exp/sweeps/q/journal.log").exists()
