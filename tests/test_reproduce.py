@@ -55,7 +55,9 @@ def test_table_shows_the_published_numbers_and_the_differences(tmp_path, capsys)
     _fake_run(exp, "ResNet34", "second", "wd_5e-3_WB", 0, {"All": 0.5, "Many": 0.7, "Medium": 0.5, "Few": 0.3})
     assert reproduce.main(["cifar100", "--table", "--exp_root", str(exp), "--json_root", str(ROOT / "jsons")]) == 0
     out = capsys.readouterr().out
-    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in out.splitlines() if line.startswith("| ")}
+    # one row per method and backbone (ResNet-34, then ResNet-32): the ResNet-34 rows here
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in out.splitlines()
+            if line.startswith("| ") and line.split(" | ")[1] == "ResNet34"}
     naive = rows["naive CE"]
     assert naive[2:7] == ["2", "41.00 ± 1.41", "65.00 ± 0.00", "37.00 ± 0.00", "12.00 ± 0.00"]
     assert naive[7:] == ["38.38 (64.05 / 35.80 / 11.43)", "+2.62", "40.00 (67.40 / 38.10 / 10.40)", "+1.00 |"]
