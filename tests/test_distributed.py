@@ -433,11 +433,13 @@ def launches(tmp_path_factory):
     * torchrun --nproc_per_node=2: a global batch that does not divide (refused), 6 steps with
       and without synchronised BatchNorm (the control), stage 1, stage 2, the crashed run's --resume.
 
-    The steps run ResNet18 (BatchNorm2d over the global batch, ELU: see the module docstring);
+    The steps run ResNet32 (BatchNorm2d over the global batch, ELU: see the module docstring);
     the stages run the tiny network (2 epochs each)."""
     tmp = tmp_path_factory.mktemp("ddp")
-    steps = _config(tmp, "steps", optim={"base_lr": 0.05, "weight_decay": 5e-3})
-    control = _config(tmp, "nosync", optim={"base_lr": 0.05, "weight_decay": 5e-3}, sync_bn=False)
+    # ResNet-32: BatchNorm2d in a conv net, as ResNet18, at a tenth of its arithmetic
+    steps = _config(tmp, "steps", model={"name": "ResNet32"}, optim={"base_lr": 0.05, "weight_decay": 5e-3})
+    control = _config(tmp, "nosync", model={"name": "ResNet32"}, optim={"base_lr": 0.05, "weight_decay": 5e-3},
+                      sync_bn=False)
     first = _config(tmp, "first", epochs=2, model=dict(TINY),
                     optim={"base_lr": 0.05, "weight_decay": 5e-3, "fdr_every": 2})
     second = _config(tmp, "second", project_name="second", epochs=2,

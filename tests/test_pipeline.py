@@ -11,6 +11,7 @@ from tests.conftest import TINY_EXP, digits_config, tiny_config
 from utils.cli import main
 
 EXP = Path("exp/Digits/ResNet18")
+WB_EXP = Path("exp/Digits/ResNet32")
 
 
 @pytest.fixture
@@ -85,15 +86,18 @@ def test_paper_method_two_stages_write_every_file(in_tmp, write_json, capsys):
 
 def test_wb_two_stages_retrain_only_the_classifier(in_tmp, write_json):
     # 2 epochs: the cosine schedule is stepped first, so a 1-epoch stage 1 would train at lr 0
-    first = write_json("wb1.json", digits_config("wd", epochs=2, optim={"weight_decay": 5e-3}))
+    # ResNet-32: a conv net with BatchNorm (whose running statistics matter below), cheaper than ResNet18
+    first = write_json("wb1.json", digits_config("wd", epochs=2, model={"name": "ResNet32"},
+                                                 optim={"weight_decay": 5e-3}))
     assert main("first", ["--json_path", first]) == 0
-    stage1 = torch.load(in_tmp / EXP / "first/wd/0/best.paramOnly", weights_only=True)
+    stage1 = torch.load(in_tmp / WB_EXP / "first/wd/0/best.paramOnly", weights_only=True)
     second = write_json("wb2.json", digits_config(
-        "wb", "second", epochs=2, model={"is_pretrained": True, "pretrained_path": str(EXP / "first/wd")},
+        "wb", "second", epochs=2, model={"name": "ResNet32", "is_pretrained": True,
+                                         "pretrained_path": str(WB_EXP / "first/wd")},
         optim={"loss_type": "CB", "cb_beta": 0.9999, "weight_decay": 0.1, "norm_type": "maxnorm",
                "norm_param": 0.1, "base_lr": 0.01}))
     assert main("second", ["--json_path", second, "--retrain"]) == 0
-    run = in_tmp / EXP / "second/wb/0"
+    run = in_tmp / WB_EXP / "second/wb/0"
     rows = _read_csv(run / "metrics.csv")
     assert len(rows) == 2 and "train_cb" in rows[0] and "train_weight_decay" in rows[0]
     state = torch.load(run / "best.paramOnly", weights_only=True)
@@ -114,7 +118,7 @@ def test_wb_two_stages_retrain_only_the_classifier(in_tmp, write_json):
     # options: frozen BN in eval mode keeps stage 1's statistics; MaxNorm after every step
     assert main("second", ["--json_path", second, "--retrain", "--exp_name", "wb_eval", "--optim_frozen_bn_mode",
                            "eval", "--optim_maxnorm_every", "step"]) == 0
-    state = torch.load(in_tmp / EXP / "second/wb_eval/0/best.paramOnly", weights_only=True)
+    state = torch.load(in_tmp / WB_EXP / "second/wb_eval/0/best.paramOnly", weights_only=True)
     for key, value in stage1.items():
         if not key.startswith("encoder.fc."):
             assert torch.equal(value, state[key]), f"{key} changed with frozen_bn_mode=eval"
