@@ -349,12 +349,13 @@ def test_stage1_run_with_bf16_channels_last_foreach(tmp_path, monkeypatch, write
     from tests.conftest import digits_config
     from utils.cli import main
     monkeypatch.chdir(tmp_path)
-    path = write_json("fast.json", digits_config("fast", epochs=1, optim={"sgd_impl": "foreach"},
-                                                 precision="bf16", memory_format="channels_last", num_threads=1))
+    path = write_json("fast.json", digits_config("fast", epochs=1, model={"name": "ResNet32"},  # a small conv net
+                                                 optim={"sgd_impl": "foreach"}, precision="bf16",
+                                                 memory_format="channels_last", num_threads=1))
     assert main("first", ["--json_path", path, "--seeds", "0"]) == 0
     out = capsys.readouterr().out
     assert "precision bf16, memory format channels_last, compile off, 1 CPU threads (num_threads)" in out
-    run = tmp_path / "exp/Digits/ResNet18/first/fast/0"
+    run = tmp_path / "exp/Digits/ResNet32/first/fast/0"
     args = json.loads((run / "args.json").read_text())
     assert (args["precision"], args["memory_format"], args["optim"]["sgd_impl"]) == ("bf16", "channels_last", "foreach")
     assert np.isfinite(json.loads((run / "fdr.json").read_text())["train"])

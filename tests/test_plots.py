@@ -52,9 +52,9 @@ def test_records_helpers_by_hand():
 @pytest.mark.figures
 def test_every_plot_of_a_two_stage_run(tmp_path, write_json):
     exp = tmp_path / "exp"
-    first = write_json("p1.json", digits_config("p1", epochs=2))
+    first = write_json("p1.json", digits_config("p1", epochs=2, model={"name": "ResNet32"}))  # a small conv net
     assert main("first", ["--json_path", first, "--exp_root", str(exp)]) == 0
-    run = exp / "Digits/ResNet18/first/p1/0"
+    run = exp / "Digits/ResNet32/first/p1/0"
     imgs = {p.stem: p for p in (run / "imgs").glob("*.png")}
     assert set(imgs) == STAGE1_PNGS
     for path in imgs.values():
@@ -84,10 +84,11 @@ def test_every_plot_of_a_two_stage_run(tmp_path, write_json):
     assert [e.step for e in ea.Scalars("FDR/val")] == [1, 2]  # fdr_every 1 in the test config
 
     second = write_json("p2.json", digits_config(
-        "p2", "second", epochs=0, model={"is_pretrained": True, "pretrained_path": str(run.parent),
-                                         "logit_adjustment_tau": 1.0}, optim={"base_lr": 0.0}))
+        "p2", "second", epochs=0, model={"name": "ResNet32", "is_pretrained": True,
+                                         "pretrained_path": str(run.parent), "logit_adjustment_tau": 1.0},
+        optim={"base_lr": 0.0}))
     assert main("second", ["--json_path", second, "--exp_root", str(exp)]) == 0
-    run2 = exp / "Digits/ResNet18/second/p2/0"
+    run2 = exp / "Digits/ResNet32/second/p2/0"
     imgs2 = {p.stem for p in (run2 / "imgs").glob("*.png")}
     # no training epochs: no per-epoch figures, but the comparison with stage 1
     assert imgs2 == (STAGE1_PNGS - {"train_loss_per_class", "accuracy_curves", "weight_norm_evolution",

@@ -46,16 +46,16 @@ def _read(path):
 @pytest.mark.figures(runs=("sweep",))
 def test_sweep_picks_best_validation_tau_and_matches_single_runs(tmp_path, write_json):
     exp = tmp_path / "exp"
-    first = write_json("s1.json", digits_config("s1", epochs=1))
+    first = write_json("s1.json", digits_config("s1", epochs=1, model={"name": "ResNet32"}))  # a small conv net
     assert main("first", ["--json_path", first, "--exp_root", str(exp)]) == 0
-    stage1 = exp / "Digits/ResNet18/first/s1"
+    stage1 = exp / "Digits/ResNet32/first/s1"
 
     def second(name, **model):
         cfg = digits_config(name, "second", epochs=0, optim={"base_lr": 0.0},
-                            model={"is_pretrained": True, "pretrained_path": str(stage1),
+                            model={"name": "ResNet32", "is_pretrained": True, "pretrained_path": str(stage1),
                                    "use_additive_logit_adjustment": False, **model})
         assert main("second", ["--json_path", write_json(f"{name}.json", cfg), "--exp_root", str(exp)]) == 0
-        return exp / "Digits/ResNet18/second" / name / "0"
+        return exp / "Digits/ResNet32/second" / name / "0"
 
     run = second("sweep", logit_adjustment_tau_sweep="0:1.5:4")
     rows = _read(run / "tau_sweep.csv")
