@@ -19,9 +19,12 @@ TINY_EXP = Path("exp/Digits/BNMLP")
 
 
 def digits_config(exp_name, project_name="first", epochs=2, model=None, optim=None, **top):
-    """A small Digits-LT config in the original's layout."""
+    """A small Digits-LT config in the original's layout.  It writes a checkpoint after every
+    epoch: the tests of resume and of crashes count on one (the default schedule goes by
+    measured save times, see CheckpointSchedule)."""
     cfg = {
         "exp_name": exp_name, "project_name": project_name, "seeds": 0, "description": "test",
+        "checkpoint_every": 1,
         "data": {"name": "Digits", "imb_type": "exp", "imb_factor": 0.05, "n_classes": 10, "batch_size": 64},
         "model": {"name": "ResNet18", "use_etf": False},
         "optim": {"total_epoch_num": epochs, "base_lr": 0.05, "weight_decay": 0.0, "fdr_every": 1},

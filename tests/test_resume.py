@@ -420,6 +420,39 @@ def test_pending_best_weights_are_promoted_or_discarded(tmp_path):
     assert (tmp_path / "best.paramOnly").read_text() == "epoch 4" and not list(tmp_path.glob(".best.*"))
 
 
+def test_best_weights_wait_in_memory_and_are_the_improving_epochs(tmp_path):
+    """checkpoint_every 3: the improvement of epoch 1 touches no file until epoch 3's checkpoint,
+    which commits epoch 1's weights (not the weights trained since), BatchNorm metadata included."""
+    from utils.config import resolve
+    from utils.run.checkpoint import RunCheckpoint, read_checkpoint
+    from utils.run.fit import LoopState
+    from utils.run.rundir import RunDir
+    cfg = resolve("first", str(ROOT / "jsons" / "Digits" / "naive.json"),
+                  {"checkpoint_every": 3, "optim": {"total_epoch_num": 10}})
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ckpt = RunCheckpoint(RunDir(tmp_path), cfg, "first")
+    ckpt.bind(model, optimizer, {})
+    loop = LoopState()
+    loop.epoch, loop.best_epoch = 1, 1
+    ckpt.save_best(model, 1)
+    at_epoch_1 = {k: v.clone() for k, v in model.state_dict().items()}
+    ckpt.save(loop)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "nothing written before the checkpoint is due"
+    with torch.no_grad():
+        model[0].weight.add_(1.0)      # training goes on
+    loop.epoch = 2
+    ckpt.save(loop)
+    loop.epoch = 3
+    ckpt.save(loop)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.paramOnly", "checkpoint.ckpt"]
+    best = torch.load(tmp_path / "best.paramOnly", weights_only=True)
+    assert best.keys() == at_epoch_1.keys() and all(torch.equal(best[k], at_epoch_1[k]) for k in best)
+    assert best._metadata[""] == model.state_dict()._metadata[""] and "1" in best._metadata
+    assert not torch.equal(best["0.weight"], model[0].weight)
+    assert read_checkpoint(tmp_path / "checkpoint.ckpt")["best_epoch"] == 1
+
+
 # ---------------------------------------------------------------------------
 # Resuming on another device or memory layout (in-process)
 # ---------------------------------------------------------------------------

@@ -153,7 +153,7 @@ class Config:
     save_checkpoint: bool = _f(False, "keep the full checkpoint.ckpt after the run finishes (it is written during "
                                       "the run anyway, see checkpoint_every; false shrinks it to a small marker at the end)")
     load_checkpoint: bool = _f(False, "resume from checkpoint.ckpt (same as --resume)")
-    checkpoint_every: int = _f(0, "write checkpoint.ckpt every N epochs; 0 = auto: every epoch on CPU, on a GPU once "
+    checkpoint_every: int = _f(0, "write checkpoint.ckpt every N epochs; 0 = auto: after the first epoch, then once "
                                   "the time since the last save is >= 20x its duration (saving < 5 % of the time); "
                                   "always after the last epoch and on Ctrl-C", check="epochs")
     checkpoint_every_s: float = _f(0.0, "also write checkpoint.ckpt once this many seconds have passed since the "
