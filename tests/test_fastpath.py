@@ -3,9 +3,10 @@
 Tolerances:
 * fp32 with channels_last and another SGD implementation only reorders
   floating-point sums (conv reductions of up to 4,608 terms, fp32 epsilon
-  1.2e-7): the first loss agrees to 1e-7 relative and, after three SGD steps
-  have carried the differences into the weights, the fourth to 2e-5 (measured);
-  we allow 1e-4 relative.
+  1.2e-7): the first loss agrees to 1e-7 relative (we allow 1e-6) and, after
+  three SGD steps have carried the differences into the weights, the fourth to
+  2e-5 with one thread and 1.7e-4 with two (measured: the threads split the
+  sums differently); we allow 5e-4 relative after the first step.
 * bf16 autocast rounds conv/linear inputs and weights to 8 significant bits
   (unit roundoff 2^-9 = 0.2%).  Through the ~20 conv+BN layers of a ResNet18,
   with BN renormalising after every conv, the logits and features carry
@@ -98,9 +99,10 @@ def reference():
 def test_fp32_fast_path_matches_eager(reference):
     losses, record = _fast_losses({"precision": "fp32", "memory_format": "channels_last"}, "fused")
     assert len(losses) == len(reference) == N // BS
-    assert losses == pytest.approx(reference, rel=1e-4)
+    assert losses[0] == pytest.approx(reference[0], rel=1e-6)
+    assert losses == pytest.approx(reference, rel=5e-4)
     # the epoch record is the batch-size-weighted mean of the same losses
-    assert record["train_loss"] == pytest.approx(sum(reference) / len(reference), rel=1e-4)
+    assert record["train_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-6)
 
 
 def test_default_cpu_path_is_bit_identical_to_eager(reference):
