@@ -14,8 +14,9 @@ killed during its final evaluation has acc.json already.
 The best weights follow a small commit protocol so that ``best.paramOnly`` always belongs
 to the last checkpoint, whenever the process is killed: an improving epoch keeps a copy of
 its weights in memory; when a checkpoint is due they are written to ``.best.epochN.pending``,
-the checkpoint is written, then the pending file is renamed to ``best.paramOnly``.  On resume, a pending file of the checkpoint's epoch is
-promoted and any other is discarded (:func:`_settle_best`).
+the checkpoint is written, then the pending file is renamed to ``best.paramOnly``.  On
+resume, a pending file of the checkpoint's best epoch is promoted and any other is discarded
+(:func:`_settle_best`).
 """
 from __future__ import annotations
 
