@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from utils.errors import DataError
-from utils.data.lt_data import LTData, one_line, split_long_tailed, to_tensors
+from utils.data.lt_data import LTData, long_tailed_splits, one_line
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -194,21 +194,13 @@ def load_cifar(name: str, root: Path, imb_type: str, imb_factor: float, download
     x_train, y_train = _load_cifar_batches([folder / f for f in spec["train"]], spec)
     x_test, y_test = _load_cifar_batches([folder / f for f in spec["test"]], spec)
 
-    tr, va, counts = split_long_tailed(y_train, K, imb_type, imb_factor, f"{name} ({folder})")
     shape = (-1, 3, 32, 32)
-    train_images, train_labels = to_tensors(x_train[tr].reshape(shape), y_train[tr])
-    val_images, val_labels = to_tensors(x_train[va].reshape(shape), y_train[va])
-    test_images, test_labels = to_tensors(x_test.reshape(shape), y_test)
+    splits = long_tailed_splits(x_train.reshape(shape), y_train, x_test.reshape(shape), y_test, K,
+                                imb_type, imb_factor, f"{name} ({folder})")
     return LTData(
         name=name,
-        train_images=train_images,
-        train_labels=train_labels,
-        val_images=val_images,
-        val_labels=val_labels,
-        test_images=test_images,
-        test_labels=test_labels,
+        **splits,
         class_names=class_names,
-        class_counts=counts,
         mean=CIFAR_MEAN,
         std=spec["std"],
         many_threshold=spec["many"],

@@ -24,7 +24,7 @@ from utils.errors import DataError
 from utils.data.extra_datasets import load_helena, load_mnist
 from utils.data.imagenet_lt import load_imagenet_lt, load_mini_imagenet_lt
 from utils.data.inat_places import load_inat2018, load_places_lt
-from utils.data.lt_data import VAL_PER_CLASS, LTData, long_tailed_counts, one_line, split_long_tailed, to_tensors
+from utils.data.lt_data import VAL_PER_CLASS, LTData, long_tailed_counts, long_tailed_splits, one_line
 from utils.names import DATASETS
 
 __all__ = ["DataError", "LTData", "long_tailed_counts", "load_dataset", "VAL_PER_CLASS", "digits_pool_and_test"]
@@ -132,20 +132,11 @@ def _bundled_digits() -> tuple[np.ndarray, np.ndarray]:
 
 def load_digits_lt(imb_type: str, imb_factor: float) -> LTData:
     xp, yp, xt, yt = digits_pool_and_test()
-    tr, va, counts = split_long_tailed(yp, 10, imb_type, imb_factor, "Digits (sklearn load_digits)")
-    train_images, train_labels = to_tensors(xp[tr], yp[tr])
-    val_images, val_labels = to_tensors(xp[va], yp[va])
-    test_images, test_labels = to_tensors(xt, yt)
+    splits = long_tailed_splits(xp, yp, xt, yt, 10, imb_type, imb_factor, "Digits (sklearn load_digits)")
     return LTData(
         name="Digits",
-        train_images=train_images,
-        train_labels=train_labels,
-        val_images=val_images,
-        val_labels=val_labels,
-        test_images=test_images,
-        test_labels=test_labels,
+        **splits,
         class_names=[str(c) for c in range(10)],
-        class_counts=counts,
         mean=DIGITS_MEAN,
         std=DIGITS_STD,
         many_threshold=40,

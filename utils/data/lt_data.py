@@ -176,3 +176,16 @@ def to_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, to
     x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)).contiguous()
     y = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
     return x, y
+
+
+def long_tailed_splits(pool_images: np.ndarray, pool_labels: np.ndarray, test_images: np.ndarray,
+                       test_labels: np.ndarray, n_classes: int, imb_type: str, imb_factor: float,
+                       source: str) -> dict:
+    """The train, validation and test tensors and the class counts of an in-memory dataset whose
+    official training set is the pool of :func:`split_long_tailed`: LTData's fields for them."""
+    tr, va, counts = split_long_tailed(pool_labels, n_classes, imb_type, imb_factor, source)
+    out = {"class_counts": counts}
+    out["train_images"], out["train_labels"] = to_tensors(pool_images[tr], pool_labels[tr])
+    out["val_images"], out["val_labels"] = to_tensors(pool_images[va], pool_labels[va])
+    out["test_images"], out["test_labels"] = to_tensors(test_images, test_labels)
+    return out
